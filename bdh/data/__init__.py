@@ -1,0 +1,39 @@
+"""Data: tokenizers (bytes, BPE, GPT-2), corpora (registry-backed, cached, split), batching."""
+
+from bdh.data.batches import (
+    RandomBatches,
+    StreamBatches,
+    TokenData,
+    eval_batches,
+    token_dtype,
+    tokenize_corpus,
+)
+from bdh.data.cache import cache_root
+from bdh.data.corpus import Corpus, load_corpus, shakespeare_from_archive
+from bdh.data.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    TextTokenizer,
+    encode_prompt,
+    load_tokenizer,
+    make_tokenizer,
+)
+
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "Corpus",
+    "RandomBatches",
+    "StreamBatches",
+    "TextTokenizer",
+    "TokenData",
+    "cache_root",
+    "encode_prompt",
+    "eval_batches",
+    "load_corpus",
+    "load_tokenizer",
+    "make_tokenizer",
+    "shakespeare_from_archive",
+    "token_dtype",
+    "tokenize_corpus",
+]

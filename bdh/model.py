@@ -1,0 +1,204 @@
+"""BDH-GPU: embed -> n_layer passes of ONE shared layer -> lm_head (bdh-spec.md section 2).
+
+Parameter names follow the authors' state_dict (so their checkpoints load as they are):
+    encoder   D_x (nh, D, N)   d-space -> neuron space, gives x
+    encoder_v D_y (nh, D, N)   attention read-out -> neuron space, gives y
+    decoder   E   (nh*N, D)    neuron space -> d-space
+    embed     f_e (V, D), lm_head f_d (D, V) (not tied), freqs (nh, N) RoPE cycles per token.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bdh.config import BDHConfig
+from bdh.errors import UserError
+from bdh.ops import apply_rope, get_attention, pick_attention, rope_freqs, rope_tables
+from bdh.outputs import ModelOutput
+from bdh.state import BDHState
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REFERENCE_KEYS = ("encoder", "encoder_v", "decoder", "embed.weight", "lm_head", "attn.freqs")
+
+
+class BDH(nn.Module):
+    def __init__(self, config: BDHConfig):
+        super().__init__()
+        self.config = config
+        nh, D, N, V = config.n_head, config.n_embd, config.neurons_per_head, config.vocab_size
+        self.embed = nn.Embedding(V, D)
+        self.encoder = nn.Parameter(torch.empty(nh, D, N))
+        self.encoder_v = nn.Parameter(torch.empty(nh, D, N))
+        self.decoder = nn.Parameter(torch.empty(nh * N, D))
+        self.lm_head = nn.Parameter(torch.empty(D, V))
+        self.register_buffer("freqs", rope_freqs(N, config.rope_theta).expand(nh, N).clone())
+        decay = None if config.decay is None else torch.tensor(config.decay, dtype=torch.float32)
+        self.register_buffer("decay", decay, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        # identity modules that forward hooks can capture, once per layer (see bdh.interp)
+        self.hook_x = nn.Identity()  # B, nh, T, N  neuron activations (before RoPE)
+        self.hook_a = nn.Identity()  # B, nh, T, D  attention read-out
+        self.hook_y = nn.Identity()  # B, nh, T, N  gated activations
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02^2) for every weight, as the reference code."""
+        for weight in (self.embed.weight, self.encoder, self.encoder_v, self.decoder, self.lm_head):
+            nn.init.normal_(weight, mean=0.0, std=0.02)
+
+    # sizes
+    def num_params(self, embeddings: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total if embeddings else total - self.embed.weight.numel() - self.lm_head.numel()
+
+    def init_state(self, batch_size: int, device=None) -> BDHState:
+        c = self.config
+        device = device if device is not None else self.lm_head.device
+        return BDHState.zeros(c.n_layer, batch_size, c.n_head, c.neurons_per_head, c.n_embd, device)
+
+    # forward
+    def forward(self, idx: torch.Tensor, targets=None, state: BDHState | None = None, return_state: bool = True):
+        """idx (B, T) -> ModelOutput(logits (B, T, V), loss or None, state after the last token).
+
+        With a state, the tokens continue the sequences it holds (positions continue too). Pass
+        return_state=False to skip building the outgoing state when it is not needed (training).
+        """
+        B, T = idx.shape
+        self._check_state(state, B)
+        with self._autocast(idx.device):
+            logits, rho = self._layers(idx, state, return_state)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        new_state = None
+        if return_state:
+            start = state.pos if state is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
+            new_state = BDHState(rho=rho, pos=start + T)
+        return ModelOutput(logits=logits.float(), loss=loss, state=new_state)
+
+    def _layers(self, idx, state, return_state):
+        c = self.config
+        nh, N, D = c.n_head, c.neurons_per_head, c.n_embd
+        T = idx.shape[1]
+        attn = self._attention(T, state is not None, return_state)
+        cos, sin = self._rope(idx, state)  # 1|B, nh, T, N
+        v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, T, D
+        x = None
+        rho = []
+        for layer in range(c.n_layer):
+            x_new = F.relu(v @ self.encoder)  # B, nh, T, N
+            x = x_new if (x is None or c.layout == "reference") else x + x_new
+            x = self.hook_x(x)
+            q = apply_rope(x, cos.to(x.dtype), sin.to(x.dtype))  # B, nh, T, N ; keys == queries
+            k, values = (q.detach(), v.detach()) if c.detach_kv else (q, v)
+            a, rho_l = attn(q, k, values, None if state is None else state.rho[layer], self.decay, return_state)
+            a = self.hook_a(a)  # B, nh, T, D
+            y = F.relu(self._ln(a) @ self.encoder_v) * x  # B, nh, T, N ; non-zero only where x is
+            y = self.drop(self.hook_y(y))
+            z = (y @ self.decoder.view(nh, N, D)).sum(dim=1, keepdim=True)  # B, 1, T, D
+            v = self._ln(v + self._ln(z))  # B, 1, T, D
+            rho.append(rho_l)
+        return v.squeeze(1) @ self.lm_head, rho  # B, T, V
+
+    def _attention(self, T: int, has_state: bool, wants_state: bool):
+        c = self.config
+        name = c.attn_impl
+        if name == "auto":
+            name = pick_attention(T, c.neurons_per_head, c.n_embd, c.chunk_size, has_state, wants_state)
+        return get_attention(name, c.chunk_size)
+
+    def _rope(self, idx, state):
+        """cos/sin tables for the absolute positions of these tokens: (1 | B, nh, T, N)."""
+        T = idx.shape[1]
+        steps = torch.arange(T, device=idx.device)
+        if state is None:
+            positions = steps[None]  # 1, T
+        elif bool((state.pos == state.pos[0]).all()):
+            positions = state.pos[:1, None] + steps  # 1, T: one table serves the whole batch
+        else:
+            positions = state.pos[:, None] + steps  # B, T
+        return rope_tables(positions, self.freqs)
+
+    def _ln(self, x):
+        return F.layer_norm(x, x.shape[-1:], eps=1e-5) if self.config.layernorm else x
+
+    def _autocast(self, device: torch.device):
+        dtype = DTYPES[self.config.compute_dtype]
+        if dtype == torch.float32:
+            return nullcontext()
+        if dtype == torch.float16 and device.type == "cpu":
+            raise UserError("compute_dtype float16 needs a CUDA device; on the CPU use bfloat16 or float32")
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def _check_state(self, state: BDHState | None, batch_size: int) -> None:
+        if state is None:
+            return
+        c = self.config
+        expected = (batch_size, c.n_head, c.neurons_per_head, c.n_embd)
+        if len(state.rho) != c.n_layer or tuple(state.rho[0].shape) != expected:
+            got = (len(state.rho), tuple(state.rho[0].shape) if state.rho else ())
+            raise UserError(f"state does not fit this model: expected {c.n_layer} x {expected}, got {got[0]} x {got[1]}")
+
+    # generation
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None, generator=None):
+        """Prefill the prompt once, then decode token by token from the state. See bdh.generate."""
+        from bdh.generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+    # the authors' checkpoints
+    @classmethod
+    def from_reference(cls, state_dict, n_layer: int = 6, **overrides) -> "BDH":
+        """Build a model from a state_dict (or .pt path) saved by the authors' bdh.py."""
+        if isinstance(state_dict, (str, Path)):
+            state_dict = _load_pt(Path(state_dict))
+        sd = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
+        for key in REFERENCE_KEYS:
+            if key not in sd:
+                raise UserError(f"reference state_dict lacks {key!r} (has: {', '.join(sorted(sd))})")
+        nh, D, N = sd["encoder"].shape
+        V = sd["embed.weight"].shape[0]
+        if (N * nh) % D:
+            raise UserError(f"reference 'encoder' shape {tuple(sd['encoder'].shape)}: nh*N must be a multiple of D")
+        config = BDHConfig(n_layer=n_layer, n_embd=D, n_head=nh, mlp_internal_dim_multiplier=N * nh // D,
+                           vocab_size=V, **overrides)
+        model = cls(config)
+        ours = {key: sd[key] for key in REFERENCE_KEYS[:-1]}
+        ours["freqs"] = sd["attn.freqs"].reshape(-1, N).expand(nh, N)
+        model.load_weights(ours, source="reference state_dict")
+        return model
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """Copy tensors in by name, with an error naming any missing, extra or misshapen key."""
+        expected = self.state_dict()
+        for key, value in tensors.items():
+            if key not in expected:
+                raise UserError(f"{source}: unexpected tensor {key!r}")
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise UserError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, "
+                                f"the model expects {tuple(expected[key].shape)}")
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise UserError(f"{source}: missing tensor(s) {', '.join(missing)}")
+        self.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+
+
+def _load_pt(path: Path) -> dict[str, torch.Tensor]:
+    """A .pt state dict read with weights_only=True: no code from the file is ever executed."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no such file: {path}") from None
+    except Exception as err:  # torch raises several types for corrupt or unsafe pickles
+        raise UserError(f"cannot read {path} as a weights-only PyTorch file: {str(err).splitlines()[0]}") from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} does not hold a state_dict")
+    return obj

@@ -1,0 +1,42 @@
+"""The attention math. Every form has one signature (see bdh.ops.naive) and one result."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from bdh.ops.chunked import chunked_attention
+from bdh.ops.naive import loop_attention, naive_attention
+from bdh.ops.recurrent import recurrent_attention, recurrent_step
+from bdh.ops.rope import apply_rope, rope_freqs, rope_tables
+
+__all__ = [
+    "apply_rope", "chunked_attention", "get_attention", "loop_attention", "naive_attention",
+    "pick_attention", "recurrent_attention", "recurrent_step", "rope_freqs", "rope_tables",
+]
+
+
+def get_attention(name: str, chunk_size: int = 128):
+    """The attention function of a fixed form: naive, chunked, recurrent or loop."""
+    table = {
+        "naive": naive_attention,
+        "chunked": partial(chunked_attention, chunk_size=chunk_size),
+        "recurrent": recurrent_attention,
+        "loop": loop_attention,
+    }
+    if name not in table:
+        raise ValueError(f"unknown attention form {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+def pick_attention(T: int, N: int, D: int, chunk_size: int, has_state: bool, wants_state: bool) -> str:
+    """The cheapest exact form for this shape, by multiply-adds per token and head.
+
+    quadratic: T (N + D) for scores and weighted sum, + N D to read an incoming state and
+    N D to build the outgoing one; chunked: C (N + D) within a chunk + 2 N D per token for the
+    state carried between chunks. One token: the recurrent step.
+    """
+    if T == 1:
+        return "recurrent"
+    naive_cost = T * (N + D) + N * D * (int(has_state) + int(wants_state))
+    chunked_cost = min(chunk_size, T) * (N + D) + 2 * N * D
+    return "chunked" if chunked_cost < naive_cost else "naive"

@@ -1,0 +1,43 @@
+"""Rotary position encoding in neuron space.
+
+Each neuron k has its own frequency (cycles per token); neurons 2i and 2i+1 share one and are
+rotated as a pair. Frequencies are stored per head and neuron in the model (merging concatenates
+them), never recomputed from N at load.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rope_freqs(n_neurons: int, theta: float = 65536.0) -> torch.Tensor:
+    """Reference frequencies: f[k] = theta^(-2 floor(k/2) / N) / (2 pi), in float32 as the authors."""
+    k = torch.arange(n_neurons, dtype=torch.float32)
+    paired = torch.floor(k / 2) * 2
+    return 1.0 / (theta ** (paired / n_neurons)) / (2 * math.pi)  # N
+
+
+def rope_tables(positions: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """cos and sin of the phases 2 pi frac(t f_k), exact at large absolute positions.
+
+    positions: (P, T) int64 absolute positions (P = 1 or B); freqs: (nh, N).
+    Returns cos, sin of shape (P, nh, T, N). The product t * f is formed in float64 and reduced
+    mod 1 before the cast, so the phase error stays ~1e-7 rad even at t = 1e7 (float32 would
+    drift by ~0.05 rad at t = 1e6).
+    """
+    cycles = positions.to(torch.float64)[:, None, :, None] * freqs.to(torch.float64)[None, :, None, :]
+    phase = (torch.frac(cycles) * (2 * math.pi)).to(torch.float32)  # P, nh, T, N
+    return torch.cos(phase).to(dtype), torch.sin(phase).to(dtype)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """rot(x)[2i] = -x[2i+1], rot(x)[2i+1] = x[2i]."""
+    pairs = x.unflatten(-1, (-1, 2))  # ..., N/2, 2
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x cos + rot(x) sin; x: (B, nh, T, N), cos/sin broadcastable to it."""
+    return x * cos + rotate_pairs(x) * sin

@@ -1,0 +1,85 @@
+"""Generation: prefill once, decode from the state; teacher forcing equals the parallel pass."""
+
+import pytest
+import torch
+
+from bdh import generate
+from bdh.generate import sample_next
+from tests.test_model import make_model, rel_err
+
+
+@pytest.mark.parametrize("overrides", [{}, {"decay": "alibi"}, {"layout": "eq8"}])
+def test_teacher_forced_decode_equals_parallel(overrides):
+    model = make_model(**overrides)
+    idx = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        parallel = model(idx).logits
+        out = model(idx[:, :10])  # prefill
+        logits, state = [out.logits], out.state
+        for t in range(10, 30):
+            out = model(idx[:, t : t + 1], state=state)
+            logits.append(out.logits)
+            state = out.state
+    assert rel_err(torch.cat(logits, dim=1), parallel) < 1e-5
+
+
+def test_generate_returns_prompt_then_greedy_tokens():
+    model = make_model()
+    prompt = torch.randint(0, 256, (2, 5))
+    out = model.generate(prompt, 8, top_k=1)
+    assert out.shape == (2, 13) and torch.equal(out[:, :5], prompt)
+    # greedy continuation equals argmax of the parallel forward over the result
+    with torch.no_grad():
+        logits = model(out[:, :-1]).logits
+    assert torch.equal(logits[:, 4:].argmax(-1), out[:, 5:])
+    assert torch.equal(model.generate(prompt, 8, temperature=0.0), out)
+
+
+def test_batched_prompts_of_different_lengths_match_single_prompts():
+    model = make_model()
+    prompts = [torch.randint(0, 256, (n,)) for n in (3, 9, 1)]
+    batched = generate(model, prompts, 6, top_k=1)
+    for prompt, row in zip(prompts, batched):
+        alone = model.generate(prompt[None], 6, top_k=1)[0]
+        assert torch.equal(row, alone)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = make_model()
+    prompt = torch.randint(0, 256, (1, 4))
+    a = model.generate(prompt, 10, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, 10, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, -5.0, -6.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {sample_next(logits, top_p=0.5, generator=g).item() for _ in range(200)}
+    assert draws == {0}  # token 0 alone holds > 50 % of the mass
+    draws = {sample_next(logits, top_p=0.95, generator=g).item() for _ in range(500)}
+    assert draws == {0, 1, 2}
+
+
+def test_bad_sampling_arguments():
+    with pytest.raises(ValueError):
+        sample_next(torch.zeros(1, 3), temperature=-1)
+    with pytest.raises(ValueError):
+        sample_next(torch.zeros(1, 3), top_p=0)
+
+
+def test_generation_cost_does_not_depend_on_context_length():
+    """Decoding works from the fixed-size state: the model is never called on the prefix again."""
+    model = make_model()
+    lengths = []
+    original = model.forward
+
+    def spy(idx, *args, **kwargs):
+        lengths.append(idx.shape[1])
+        return original(idx, *args, **kwargs)
+
+    model.forward = spy
+    model.generate(torch.randint(0, 256, (1, 50)), 5)
+    assert lengths == [50, 1, 1, 1, 1]
