@@ -18,7 +18,7 @@ from torch import nn
 
 from bdh.config import BDHConfig
 from bdh.errors import UserError
-from bdh.ops import apply_rope, get_attention, pick_attention, rope_freqs, rope_tables
+from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
 from bdh.outputs import ModelOutput
 from bdh.state import BDHState
 
@@ -86,21 +86,22 @@ class BDH(nn.Module):
         nh, N, D = c.n_head, c.neurons_per_head, c.n_embd
         T = idx.shape[1]
         attn = self._attention(T, state is not None, return_state)
-        cos, sin = self._rope(idx, state)  # 1|B, nh, T, N
+        rotors = self._rope(idx, state)  # 1|B, nh, T, N/2 complex
+        E = self.decoder.view(nh, N, D)
         v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, T, D
         x = None
         rho = []
         for layer in range(c.n_layer):
-            x_new = F.relu(v @ self.encoder)  # B, nh, T, N
+            x_new = F.relu(torch.einsum("btd,hdn->bhtn", v.squeeze(1), self.encoder))  # B, nh, T, N
             x = x_new if (x is None or c.layout == "reference") else x + x_new
             x = self.hook_x(x)
-            q = apply_rope(x, cos.to(x.dtype), sin.to(x.dtype))  # B, nh, T, N ; keys == queries
+            q = apply_rope_complex(x, rotors)  # B, nh, T, N ; keys == queries
             k, values = (q.detach(), v.detach()) if c.detach_kv else (q, v)
             a, rho_l = attn(q, k, values, None if state is None else state.rho[layer], self.decay, return_state)
             a = self.hook_a(a)  # B, nh, T, D
-            y = F.relu(self._ln(a) @ self.encoder_v) * x  # B, nh, T, N ; non-zero only where x is
-            y = self.drop(self.hook_y(y))
-            z = (y @ self.decoder.view(nh, N, D)).sum(dim=1, keepdim=True)  # B, 1, T, D
+            y_pre = torch.einsum("bhtd,hdn->bhtn", self._ln(a), self.encoder_v)  # B, nh, T, N
+            y = self.drop(self.hook_y(F.relu(y_pre) * x))  # non-zero only where x is
+            z = torch.einsum("bhtn,hnd->btd", y, E).unsqueeze(1)  # B, 1, T, D
             v = self._ln(v + self._ln(z))  # B, 1, T, D
             rho.append(rho_l)
         return v.squeeze(1) @ self.lm_head, rho  # B, T, V
@@ -113,7 +114,7 @@ class BDH(nn.Module):
         return get_attention(name, c.chunk_size)
 
     def _rope(self, idx, state):
-        """cos/sin tables for the absolute positions of these tokens: (1 | B, nh, T, N)."""
+        """Rotors exp(i phase) for the absolute positions of these tokens: (1 | B, nh, T, N/2)."""
         T = idx.shape[1]
         steps = torch.arange(T, device=idx.device)
         if state is None:
@@ -122,7 +123,7 @@ class BDH(nn.Module):
             positions = state.pos[:1, None] + steps  # 1, T: one table serves the whole batch
         else:
             positions = state.pos[:, None] + steps  # B, T
-        return rope_tables(positions, self.freqs)
+        return rope_rotors(positions, self.freqs)
 
     def _ln(self, x):
         return F.layer_norm(x, x.shape[-1:], eps=1e-5) if self.config.layernorm else x
@@ -186,6 +187,8 @@ class BDH(nn.Module):
         missing = sorted(set(expected) - set(tensors))
         if missing:
             raise UserError(f"{source}: missing tensor(s) {', '.join(missing)}")
+        if not pairs_share_frequencies(tensors["freqs"]):
+            raise UserError(f"{source}: RoPE frequencies of neurons 2i and 2i+1 differ; the rotation needs pairs")
         self.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
 
 

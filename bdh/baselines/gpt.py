@@ -86,7 +86,7 @@ class GPTConfig:
         """The model's parameter count, from the fields alone (GPT(config).num_params() agrees)."""
         D, V, b = self.n_embd, self.vocab_size, int(self.bias)
         norm = D * (1 + b)
-        block = 12 * D * D + 13 * D * b + 2 * norm  # qkv 3D^2, proj D^2, mlp 8D^2 (+ biases), 2 LN
+        block = 12 * D * D + 9 * D * b + 2 * norm  # qkv 3D^2, proj D^2, mlp 8D^2 (+ 9D biases), 2 LN
         body = self.n_layer * block + norm  # + final LN
         if not embeddings:
             return body
@@ -122,7 +122,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 # gpt2: the 124M GPT-2 shape (pass vocab_size for a BPE tokenizer).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_embd=32, n_head=2, block_size=64),
-    "small": dict(n_layer=3, n_embd=192, n_head=3, block_size=512),
+    "small": dict(n_layer=5, n_embd=160, n_head=5, block_size=512),
     "paper-25m": dict(n_layer=8, n_embd=512, n_head=8, block_size=512, dropout=0.1),
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024),
 }

@@ -187,13 +187,13 @@ def _read_text_file(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}): check the path and permissions") \
-            from None
+        message = f"cannot read {path} ({e.strerror}): check the path and permissions"
+        raise UserError(message) from None
     return _decode(data, str(path))
 
 
 def _decode(data: bytes, where: str) -> str:
-    """UTF-8 bytes to text with "\\n" newlines; binary data (NUL bytes, mostly not UTF-8) refused."""
+    """UTF-8 bytes to text with "\\n" newlines; refuses binary data (NUL bytes, not UTF-8)."""
     if b"\x00" in data:
         raise UserError(f"{where} looks binary (it contains NUL bytes): pass UTF-8 text files only")
     try:

@@ -7,10 +7,10 @@ from functools import partial
 from bdh.ops.chunked import chunked_attention
 from bdh.ops.naive import loop_attention, naive_attention
 from bdh.ops.recurrent import recurrent_attention, recurrent_step
-from bdh.ops.rope import apply_rope, rope_freqs, rope_tables
+from bdh.ops.rope import apply_rope, apply_rope_complex, pairs_share_frequencies, rope_freqs, rope_rotors, rope_tables
 
 __all__ = [
-    "apply_rope", "chunked_attention", "get_attention", "loop_attention", "naive_attention",
+    "apply_rope", "apply_rope_complex", "chunked_attention", "pairs_share_frequencies", "rope_rotors", "get_attention", "loop_attention", "naive_attention",
     "pick_attention", "recurrent_attention", "recurrent_step", "rope_freqs", "rope_tables",
 ]
 

@@ -32,6 +32,24 @@ def rope_tables(positions: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype
     return torch.cos(phase).to(dtype), torch.sin(phase).to(dtype)
 
 
+def rope_rotors(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """exp(i phase) for every neuron pair: complex64 (P, nh, T, N/2); pairs share a frequency."""
+    cos, sin = rope_tables(positions, freqs[:, ::2])
+    return torch.complex(cos, sin)
+
+
+def apply_rope_complex(x: torch.Tensor, rotors: torch.Tensor) -> torch.Tensor:
+    """apply_rope as one complex multiply per pair (a + ib)(cos + i sin): a third of the passes."""
+    real = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    pairs = torch.view_as_complex(real.unflatten(-1, (-1, 2)))  # B, nh, T, N/2
+    return torch.view_as_real(pairs * rotors).flatten(-2).to(x.dtype)  # B, nh, T, N
+
+
+def pairs_share_frequencies(freqs: torch.Tensor) -> bool:
+    """The rotation pairs neurons 2i and 2i+1, which is a rotation only if they share f."""
+    return freqs.shape[-1] % 2 == 0 and bool(torch.equal(freqs[..., ::2], freqs[..., 1::2]))
+
+
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     """rot(x)[2i] = -x[2i+1], rot(x)[2i+1] = x[2i]."""
     pairs = x.unflatten(-1, (-1, 2))  # ..., N/2, 2

@@ -1,0 +1,42 @@
+"""AdamW with weight decay by tensor rank, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
+                   device_type: str = "cpu") -> torch.optim.AdamW:
+    """Decay matrices and embeddings (dim >= 2), never biases or norms (nanoGPT's rule).
+
+    BDH's weights are raw nn.Parameters, so choosing by module type (minGPT) would miss them.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # the fused kernel exists for CUDA; elsewhere the default (foreach) implementation is used
+    extra = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int, decay: str = "cosine") -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then decay to min_lr."""
+    if step < warmup_iters:
+        return lr * (step + 1) / (warmup_iters + 1)
+    if decay == "constant":
+        return lr
+    if step >= decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / max(1, decay_iters - warmup_iters)  # 0 .. 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio)) if decay == "cosine" else 1.0 - ratio
+    return min_lr + coeff * (lr - min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
