@@ -35,13 +35,14 @@ def decay_powers(decay: torch.Tensor | None, steps: torch.Tensor) -> torch.Tenso
 
 
 def causal_scores(q: torch.Tensor, k: torch.Tensor, decay: torch.Tensor | None) -> torch.Tensor:
-    """tril(q k^T, -1), times lambda^(t - tau) when decaying: (B, nh, T, T)."""
+    """tril(q k^T, -1), times lambda^(t - tau) when decaying: (B, nh, ..., T, T), heads on dim 1."""
     T = q.shape[-2]
-    scores = (q @ k.transpose(-1, -2)).tril(diagonal=-1)  # B, nh, T, T
+    scores = (q @ k.transpose(-1, -2)).tril(diagonal=-1)  # B, nh, ..., T, T
     if decay is not None:
         t = torch.arange(T, device=q.device)
         lags = (t[:, None] - t[None, :]).clamp(min=0)  # T, T
-        scores = scores * decay_powers(decay, lags).to(device=q.device, dtype=scores.dtype)
+        weights = decay_powers(decay, lags).to(dtype=scores.dtype)  # nh, T, T
+        scores = scores * weights.view(-1, *([1] * (scores.dim() - 4)), T, T)
     return scores
 
 
