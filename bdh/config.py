@@ -54,6 +54,9 @@ class BDHConfig:
     detach_kv: bool = False
     # matmul dtype under autocast; the recurrent state and the loss stay in float32
     compute_dtype: str = "float32"
+    # generation reads/writes only active neurons' state rows when the fraction of active
+    # RoPE pairs is below this (0 = always dense, 1 = always sparse); exact either way
+    sparse_decode_below: float = 0.25
 
     def __post_init__(self) -> None:
         self._validate()
@@ -81,6 +84,8 @@ class BDHConfig:
         if isinstance(self.decay, (list, tuple)):
             if len(self.decay) != self.n_head or not all(0.0 < float(d) <= 1.0 for d in self.decay):
                 raise UserError(f"BDHConfig.decay needs {self.n_head} values in (0, 1], got {self.decay!r}")
+        if not 0.0 <= self.sparse_decode_below <= 1.0:
+            raise UserError(f"BDHConfig.sparse_decode_below must be in [0, 1], got {self.sparse_decode_below!r}")
         if self.rope_theta <= 1.0:
             raise UserError(f"BDHConfig.rope_theta must be > 1, got {self.rope_theta!r}")
 

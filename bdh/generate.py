@@ -88,7 +88,8 @@ def _decode(model, logits, state, max_new_tokens, temperature, top_k, top_p, gen
         if on_token is not None:
             on_token(nxt)
         if step + 1 < max_new_tokens:
-            out = model(nxt, state=state)
+            # the state is generate's own (made by the prefill), so it may be updated in place
+            out = model(nxt, state=state, inplace_state=True)
             logits, state = out.logits[:, -1], out.state
     if not tokens:
         return logits.new_zeros(logits.shape[0], 0, dtype=torch.long)

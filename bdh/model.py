@@ -19,6 +19,7 @@ from torch import nn
 from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
+from bdh.ops.recurrent import active_pairs, recurrent_step, sparse_step_inplace
 from bdh.outputs import ModelOutput
 from bdh.state import BDHState
 
@@ -62,16 +63,21 @@ class BDH(nn.Module):
         return BDHState.zeros(c.n_layer, batch_size, c.n_head, c.neurons_per_head, c.n_embd, device)
 
     # forward
-    def forward(self, idx: torch.Tensor, targets=None, state: BDHState | None = None, return_state: bool = True):
+    def forward(self, idx: torch.Tensor, targets=None, state: BDHState | None = None, return_state: bool = True,
+                inplace_state: bool = False):
         """idx (B, T) -> ModelOutput(logits (B, T, V), loss or None, state after the last token).
 
         With a state, the tokens continue the sequences it holds (positions continue too). Pass
         return_state=False to skip building the outgoing state when it is not needed (training).
+        inplace_state=True lets a one-token step without autograd update the state tensors in
+        place (generation owns its state): no N x D copy per token, and only the rows of active
+        neurons are touched when few fire (see _decode_step).
         """
         B, T = idx.shape
         self._check_state(state, B)
+        decoding = inplace_state and T == 1 and state is not None and not torch.is_grad_enabled()
         with self._autocast(idx.device):
-            logits, rho = self._layers(idx, state, return_state)
+            logits, rho = self._decode_step(idx, state) if decoding else self._layers(idx, state, return_state)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1)
@@ -105,6 +111,60 @@ class BDH(nn.Module):
             v = self._ln(v + self._ln(z))  # B, 1, T, D
             rho.append(rho_l)
         return v.squeeze(1) @ self.lm_head, rho  # B, T, V
+
+    def _decode_step(self, idx, state):
+        """One token per sequence, the state updated in place; sparse-aware per layer.
+
+        When few RoPE pairs are active (fraction below config.sparse_decode_below), only the
+        state rows, D_y columns and E rows of active neurons are read or written: exact, and
+        O(k D) instead of O(N D) per head for k active neurons. x itself is always dense.
+        """
+        c = self.config
+        nh, N, D = c.n_head, c.neurons_per_head, c.n_embd
+        rotors = self._rope(idx, state)  # 1|B, nh, 1, N/2
+        v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, 1, D
+        x = None
+        for layer in range(c.n_layer):
+            x_new = F.relu(torch.einsum("btd,hdn->bhtn", v.squeeze(1), self.encoder))  # B, nh, 1, N
+            x = x_new if (x is None or c.layout == "reference") else x + x_new
+            x = self.hook_x(x)
+            q = apply_rope_complex(x, rotors)  # B, nh, 1, N
+            rho = state.rho[layer]
+            if self._sparse_enough(x):
+                z = self._sparse_layer(x, q, v, rho)
+            else:
+                a, _ = recurrent_step(q[:, :, 0], q[:, :, 0], v[:, :, 0], rho, self.decay, inplace=True)
+                a = self.hook_a(a.unsqueeze(2))  # B, nh, 1, D
+                y = self.drop(self.hook_y(F.relu(torch.einsum("bhtd,hdn->bhtn", self._ln(a), self.encoder_v)) * x))
+                z = torch.einsum("bhtn,hnd->btd", y, self.decoder.view(nh, N, D)).unsqueeze(1)  # B, 1, 1, D
+            v = self._ln(v + self._ln(z))
+        return v.squeeze(1) @ self.lm_head, state.rho
+
+    def _sparse_enough(self, x) -> bool:
+        if self.decay is not None or self.training:
+            return False  # decay rescales every row of the state: nothing to skip
+        active = (x.unflatten(-1, (-1, 2)) != 0).any(dim=-1).any(dim=0).float().mean()  # pairs, any row
+        return bool(active < self.config.sparse_decode_below)
+
+    def _sparse_layer(self, x, q, v, rho):
+        """The layer's z (B, 1, 1, D) touching only active neurons; rho updated in place."""
+        c = self.config
+        nh, N, D = c.n_head, c.neurons_per_head, c.n_embd
+        B = x.shape[0]
+        E = self.decoder.view(nh, N, D)
+        active = [active_pairs(x[:, h, 0]) for h in range(nh)]  # nh x (k_h,)
+        a = x.new_zeros(B, nh, 1, D)
+        for h, idx in enumerate(active):
+            a[:, h, 0] = sparse_step_inplace(q[:, h, 0, idx], idx, v[:, 0, 0], rho[:, h])
+        a_norm = self._ln(self.hook_a(a))  # B, nh, 1, D
+        y = torch.zeros_like(x)  # B, nh, 1, N
+        z = x.new_zeros(B, D)
+        for h, idx in enumerate(active):
+            y_h = F.relu(a_norm[:, h, 0] @ self.encoder_v[h][:, idx]) * x[:, h, 0, idx]  # B, k
+            y[:, h, 0, idx] = y_h
+            z = z + y_h @ E[h][idx]  # B, D
+        self.hook_y(y)
+        return z.view(B, 1, 1, D)
 
     def _attention(self, T: int, has_state: bool, wants_state: bool):
         c = self.config

@@ -83,3 +83,43 @@ def test_generation_cost_does_not_depend_on_context_length():
     model.forward = spy
     model.generate(torch.randint(0, 256, (1, 50)), 5)
     assert lengths == [50, 1, 1, 1, 1]
+
+
+def silence_most_neurons(model, keep=0.2):
+    """Zero the D_x columns of most neurons, so x is sparse as in a trained model."""
+    off = torch.rand(model.encoder.shape[0], 1, model.encoder.shape[2]) > keep
+    model.encoder.masked_fill_(off, 0.0)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0], ids=["dense", "sparse"])
+@pytest.mark.parametrize("layout", ["reference", "eq8"])
+def test_inplace_decode_equals_functional_decode(threshold, layout):
+    """The in-place (and sparse-aware) decode step gives the logits and states of the plain step."""
+    model = make_model(sparse_decode_below=threshold, layout=layout)
+    with torch.no_grad():
+        silence_most_neurons(model)
+        prompt = torch.randint(0, 256, (3, 6))
+        ref_state = model(prompt).state
+        state = ref_state.clone()
+        for token in torch.randint(0, 256, (5, 3, 1)):
+            ref = model(token, state=ref_state)
+            out = model(token, state=state, inplace_state=True)
+            assert rel_err(out.logits, ref.logits) < 1e-5
+            assert out.state.rho[0] is state.rho[0]  # updated in place, not copied
+            ref_state, state = ref.state, out.state
+        for r, r_ref in zip(state.rho, ref_state.rho):
+            assert rel_err(r, r_ref) < 1e-5
+
+
+def test_sparse_decode_touches_only_active_rows():
+    model = make_model(sparse_decode_below=1.0)
+    with torch.no_grad():
+        silence_most_neurons(model)
+        state = model(torch.randint(0, 256, (1, 4))).state
+        before = [r.clone() for r in state.rho]
+        x = torch.relu(torch.einsum("bd,hdn->bhn", model._ln(model.embed(torch.tensor([7]))), model.encoder))
+        model(torch.tensor([[7]]), state=state, inplace_state=True)
+    changed = (state.rho[0] != before[0]).any(dim=-1)[0]  # nh, N: rows written in layer 0
+    pair_active = (x[0].unflatten(-1, (-1, 2)) != 0).any(-1).repeat_interleave(2, dim=-1)
+    assert changed.any() and not (changed & ~pair_active).any()
+    assert pair_active.float().mean() < 0.5

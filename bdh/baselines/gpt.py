@@ -335,11 +335,13 @@ class GPT(nn.Module):
         return KVCache.empty(c.n_layer, batch_size, c.n_head, c.head_size, device)
 
     # forward
-    def forward(self, idx: torch.Tensor, targets=None, state: KVCache | None = None, return_state: bool = True):
+    def forward(self, idx: torch.Tensor, targets=None, state: KVCache | None = None, return_state: bool = True,
+                inplace_state: bool = False):
         """idx (B, T) -> ModelOutput(logits (B, T, V), loss or None, KV cache after the last token).
 
         With a state, the tokens continue the sequences it holds (positions continue too). Pass
         return_state=False to skip building the outgoing cache when it is not needed.
+        inplace_state is accepted for the shared call contract; the cache grows by concatenation.
         """
         B, T = idx.shape
         self._check_state(state, B)

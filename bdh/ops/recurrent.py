@@ -10,10 +10,11 @@ import torch
 from bdh.ops.naive import state_dtype
 
 
-def recurrent_step(q_t, k_t, v_t, state, decay=None):
+def recurrent_step(q_t, k_t, v_t, state, decay=None, inplace=False):
     """One token. q_t, k_t: (B, nh, N); v_t: (B, 1|nh, D); state: (B, nh, N, D) float32 or None.
 
-    Returns o_t (B, nh, D) and the new state; the input state is not modified.
+    Returns o_t (B, nh, D) and the new state. The input state is left as it was unless
+    inplace=True, which saves allocating and copying N x D per head at every decoded token.
     """
     B, nh, N = q_t.shape
     D = v_t.shape[-1]
@@ -25,10 +26,34 @@ def recurrent_step(q_t, k_t, v_t, state, decay=None):
         o_t = (q_t.to(state.dtype).unsqueeze(-2) @ state).squeeze(-2).to(q_t.dtype)  # B, nh, D
     keys = k_t.to(state.dtype).reshape(B * nh, N, 1)  # B*nh, N, 1
     values = v_t.to(state.dtype).expand(B, nh, D).reshape(B * nh, 1, D)  # B*nh, 1, D
-    state = torch.baddbmm(state.reshape(B * nh, N, D), keys, values).view(B, nh, N, D)
+    flat = state.view(B * nh, N, D)
+    state = (flat.baddbmm_(keys, values) if inplace else torch.baddbmm(flat, keys, values)).view(B, nh, N, D)
     if decay is not None:
-        state = state * decay.to(device=state.device, dtype=state.dtype).view(1, nh, 1, 1)
+        lam = decay.to(device=state.device, dtype=state.dtype).view(1, nh, 1, 1)
+        state = state.mul_(lam) if inplace else state * lam
     return o_t, state
+
+
+def active_pairs(x_h: torch.Tensor) -> torch.Tensor:
+    """Neuron indices of the RoPE pairs with any active neuron in any row: x_h (B, N) -> (k,).
+
+    RoPE mixes neurons 2i and 2i+1, so a pair is read and written as soon as one of them fires.
+    """
+    pair_on = (x_h.unflatten(-1, (-1, 2)) != 0).any(dim=-1).any(dim=0)  # N/2
+    pairs = pair_on.nonzero().squeeze(1)
+    return torch.stack((2 * pairs, 2 * pairs + 1), dim=1).flatten()  # k
+
+
+def sparse_step_inplace(q_active, idx, v_t, state_h):
+    """Read then write only the state rows idx of one head, in place.
+
+    q_active: (B, k) rotated queries (= keys) of the active neurons; v_t: (B, D);
+    state_h: (B, N, D). Returns the read-out (B, D). Cost O(k D) instead of O(N D).
+    """
+    rows = state_h.index_select(1, idx)  # B, k, D
+    out = (q_active.to(rows.dtype).unsqueeze(1) @ rows).squeeze(1)  # B, D
+    state_h.index_add_(1, idx, q_active.to(rows.dtype).unsqueeze(-1) * v_t.to(rows.dtype).unsqueeze(1))
+    return out.to(q_active.dtype)
 
 
 def recurrent_attention(q, k, v, initial_state=None, decay=None, output_final_state=True):
