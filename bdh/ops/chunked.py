@@ -3,19 +3,30 @@
 Within a chunk of C tokens the quadratic form is exact and cheap; across chunks the state S
 (N x D per head) carries everything earlier. Per token and head: C (N + D) multiply-adds for the
 chunk, 2 N D for the state read and write, against T (N + D) for the quadratic form over the
-whole sequence. All full chunks are computed at once (batched matmuls, no Python loop over
-chunks except the decaying state scan); a ragged tail goes through the quadratic form.
+whole sequence. All full chunks are computed at once (batched matmuls); a ragged tail goes
+through the quadratic form.
 
-For chunk c with rotated queries Q_c, keys K_c, values V_c and entering state S_c:
-    o_c = (tril(Q_c K_c^T, -1) * lambda^(i - j)) V_c + lambda^i Q_c S_c
-    S_{c+1} = lambda^C S_c + (K_c * lambda^(C - j))^T V_c
+For chunk c with rotated queries Q_c, keys K_c, values V_c, entering state S_c, and
+M = tril(ones, -1) * lambda^(i - j) (i, j positions inside the chunk):
+    A_c = (Q_c K_c^T) * M
+    O_c = A_c V_c + lambda^i Q_c S_c
+    S_{c+1} = lambda^C S_c + (lambda^(C - j) K_c)^T V_c
+
+The backward pass is written out (ChunkedAttention) so that only q, k, v and the entering
+states are kept: the C x C scores and per-chunk writes are recomputed, not stored. With
+G_c = dL/dS_c, running from G_nc = dL/dS_final backwards:
+    G_c  = lambda^C G_{c+1} + (lambda^i Q_c)^T dO_c
+    dA_c = (dO_c V_c^T) * M
+    dQ_c = dA_c K_c + lambda^i dO_c S_c^T
+    dK_c = dA_c^T Q_c + lambda^(C - j) V_c G_{c+1}^T
+    dV_c = A_c^T dO_c + lambda^(C - j) K_c G_{c+1}
 """
 
 from __future__ import annotations
 
 import torch
 
-from bdh.ops.naive import causal_scores, decay_powers, naive_attention, state_dtype
+from bdh.ops.naive import decay_powers, naive_attention, state_dtype
 
 
 def chunked_attention(q, k, v, initial_state=None, decay=None, output_final_state=True, chunk_size=128):
@@ -25,55 +36,100 @@ def chunked_attention(q, k, v, initial_state=None, decay=None, output_final_stat
     full = (T // C) * C
     if T <= C:
         return naive_attention(q, k, v, initial_state, decay, output_final_state)
-    o, state = _full_chunks(q[:, :, :full], k[:, :, :full], v[:, :, :full], initial_state, decay, C,
-                            need_state=output_final_state or full < T)
+    B, nh = q.shape[:2]
+    N, D = q.shape[-1], v.shape[-1]
+    s0 = initial_state if initial_state is not None else q.new_zeros(B, nh, N, D, dtype=state_dtype(q))
+    lam = decay if decay is not None else torch.ones(nh, device=q.device)
+    o, state = ChunkedAttention.apply(q[:, :, :full], k[:, :, :full], v[:, :, :full], s0, lam, C)
     if full == T:
-        return o, state
+        return o, (state if output_final_state else None)
     o_tail, state = naive_attention(q[:, :, full:], k[:, :, full:], v[:, :, full:], state, decay, output_final_state)
     return torch.cat([o, o_tail], dim=2), state  # B, nh, T, D
 
 
-def _full_chunks(q, k, v, initial_state, decay, C, need_state):
-    """T a multiple of C: returns o (B, nh, T, D) and the state after the last chunk."""
-    B, nh, T, N = q.shape
-    D = v.shape[-1]
-    nc = T // C
-    qc = q.reshape(B, nh, nc, C, N)
-    kc = k.reshape(B, nh, nc, C, N)
-    vc = v.reshape(B, v.shape[1], nc, C, D)
-    o = causal_scores(qc, kc, decay) @ vc  # B, nh, nc, C, D
-    kv = _chunk_writes(kc, vc, decay, C)  # B, nh, nc, N, D: each chunk's write, weighted to its end
-    entering, final = _scan_states(kv, initial_state, decay, C, need_state)  # B, nh, nc, N, D
-    if entering is not None:
-        read = qc @ entering.to(q.dtype)  # B, nh, nc, C, D
-        if decay is not None:
-            steps = torch.arange(C, device=q.device)
-            read = read * decay_powers(decay, steps)[:, None, :, None].to(dtype=read.dtype)
-        o = o + read
-    return o.reshape(B, nh, T, D), final
+def _weights(lam, C, dtype):
+    """M (nh, C, C), lambda^i (nh, C, 1) for reads, lambda^(C - j) (nh, C, 1) for writes, lambda^C (nh, 1, 1)."""
+    steps = torch.arange(C, device=lam.device)
+    lags = (steps[:, None] - steps[None, :]).clamp(min=0)
+    mask = torch.ones(C, C, device=lam.device).tril(diagonal=-1)
+    M = (decay_powers(lam, lags) * mask).to(dtype)
+    read = decay_powers(lam, steps).to(dtype).unsqueeze(-1)
+    write = decay_powers(lam, C - steps).to(dtype).unsqueeze(-1)
+    whole = decay_powers(lam, torch.tensor(C, device=lam.device)).view(-1, 1, 1)
+    return M, read, write, whole
 
 
-def _chunk_writes(kc, vc, decay, C):
-    if decay is not None:
-        steps = torch.arange(C - 1, -1, -1, device=kc.device) + 1  # C - j for j = 0..C-1
-        kc = kc * decay_powers(decay, steps)[:, None, :, None].to(dtype=kc.dtype)
-    return (kc.transpose(-1, -2) @ vc).to(state_dtype(kc))  # B, nh, nc, N, D
+def _chunks(x, C):
+    """(B, h, T, X) -> (B, h, nc, C, X)."""
+    B, h, T, X = x.shape
+    return x.reshape(B, h, T // C, C, X)
 
 
-def _scan_states(kv, initial_state, decay, C, need_state):
-    """States entering every chunk (None if all zero) and the state after the last one."""
-    nc = kv.shape[2]
-    if decay is None:
-        totals = kv.cumsum(dim=2)  # B, nh, nc, N, D: state after each chunk, from zero
-        if initial_state is not None:
-            totals = totals + initial_state.to(kv.dtype).unsqueeze(2)
-        start = initial_state.to(kv.dtype).unsqueeze(2) if initial_state is not None else torch.zeros_like(kv[:, :, :1])
-        entering = torch.cat([start, totals[:, :, :-1]], dim=2)
-        return entering, (totals[:, :, -1] if need_state else None)
-    lam_c = decay_powers(decay, torch.tensor(C, device=kv.device)).to(kv.dtype).view(1, -1, 1, 1)  # 1, nh, 1, 1
-    state = initial_state.to(kv.dtype) if initial_state is not None else torch.zeros_like(kv[:, :, 0])
-    entering = []
+class ChunkedAttention(torch.autograd.Function):
+    """Full chunks only (T a multiple of C). Keeps q, k, v and the entering states for backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, s0, lam, C):
+        B, nh, T, N = q.shape
+        qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)  # B, nh|1, nc, C, N|D
+        M, read, write, whole = _weights(lam, C, q.dtype)
+        A = (qc @ kc.transpose(-1, -2)) * M[:, None]  # B, nh, nc, C, C
+        o = A @ vc  # B, nh, nc, C, D
+        writes = ((kc * write[:, None]).transpose(-1, -2) @ vc).to(s0.dtype)  # B, nh, nc, N, D
+        entering, final = _scan(writes, s0, whole.to(s0.dtype))
+        o = o + (qc @ entering.to(q.dtype)) * read[:, None]
+        ctx.save_for_backward(q, k, v, entering, lam)
+        ctx.C = C
+        return o.reshape(B, nh, T, -1), final
+
+    @staticmethod
+    def backward(ctx, d_o, d_final):
+        q, k, v, entering, lam = ctx.saved_tensors
+        C = ctx.C
+        B, nh, T, N = q.shape
+        qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
+        doc = _chunks(d_o.to(q.dtype), C)  # B, nh, nc, C, D
+        M, read, write, whole = _weights(lam, C, q.dtype)
+        if d_final is None:
+            d_final = torch.zeros_like(entering[:, :, 0])
+        # G_{c+1} for every chunk: the gradient reaching the state after chunk c
+        reads = ((qc * read[:, None]).transpose(-1, -2) @ doc).to(entering.dtype)  # B, nh, nc, N, D
+        after = _reverse_scan(reads, d_final.to(entering.dtype), whole.to(entering.dtype))  # G_1 .. G_nc
+        g0 = after[:, :, 0] * whole + reads[:, :, 0]
+        after = after.to(q.dtype)
+        dA = (doc @ vc.transpose(-1, -2)) * M[:, None]  # B, nh, nc, C, C
+        A = (qc @ kc.transpose(-1, -2)) * M[:, None]
+        dq = dA @ kc + (doc * read[:, None]) @ entering.to(q.dtype).transpose(-1, -2)
+        dk = dA.transpose(-1, -2) @ qc + (vc * write[:, None]) @ after.transpose(-1, -2)
+        dv = A.transpose(-1, -2) @ doc + (kc * write[:, None]) @ after  # B, nh, nc, C, D
+        if v.shape[1] == 1 and nh > 1:
+            dv = dv.sum(dim=1, keepdim=True)  # values were shared by every head
+        shape = lambda t: t.reshape(t.shape[0], t.shape[1], T, -1)  # noqa: E731
+        return shape(dq), shape(dk), shape(dv), g0, None, None
+
+
+def _scan(writes, s0, whole):
+    """States entering each chunk (B, nh, nc, N, D) and the state after the last."""
+    nc = writes.shape[2]
+    if bool((whole == 1).all()):
+        totals = writes.cumsum(dim=2) + s0.unsqueeze(2)  # state after each chunk
+        return torch.cat([s0.unsqueeze(2), totals[:, :, :-1]], dim=2), totals[:, :, -1]
+    state, entering = s0, []
     for c in range(nc):
         entering.append(state)
-        state = state * lam_c + kv[:, :, c]
-    return torch.stack(entering, dim=2), (state if need_state else None)
+        state = state * whole + writes[:, :, c]
+    return torch.stack(entering, dim=2), state
+
+
+def _reverse_scan(reads, g_final, whole):
+    """G_{c+1} for c = 0..nc-1, where G_nc = g_final and G_c = lambda^C G_{c+1} + reads_c."""
+    nc = reads.shape[2]
+    if bool((whole == 1).all()):
+        later = reads.flip(2).cumsum(dim=2).flip(2)  # sum over c' >= c
+        tail = torch.cat([later[:, :, 1:], torch.zeros_like(later[:, :, :1])], dim=2)  # sum over c' > c
+        return tail + g_final.unsqueeze(2)
+    g, after = g_final, [None] * nc
+    for c in range(nc - 1, -1, -1):
+        after[c] = g
+        g = g * whole + reads[:, :, c]
+    return torch.stack(after, dim=2)

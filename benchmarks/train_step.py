@@ -1,0 +1,122 @@
+"""Training throughput and memory: one full step (forward, backward, AdamW) per attention form.
+
+For each preset and sequence length, every form runs in its own fresh process (so peak memory is
+its own) on the same seeded batch and weights; the JSON gives tokens/s, peak RSS, the loss (which
+must agree across forms to 1e-4), achieved FLOP/s against the machine's fp32 matmul peak, and
+the ratios to the naive quadratic form.
+
+FLOPs are counted analytically (2 per multiply-add) for the work the quadratic form does, and the
+same count is used for every form so that FLOP/s compare like with like:
+    forward per token = L (6 n D + T_avg (n + nh D)) + 2 D V, T_avg = (T + 1) / 2 causal average
+    training = 3 x forward.
+
+    python benchmarks/train_step.py --presets small paper-25m --seq 512 2048 --out benchmarks/results/train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from common import emit, matmul_peak_gflops, median
+
+WORKER = r"""
+import json, resource, sys, time, torch
+from bdh import BDH, BDHConfig
+preset, T, B, impl, repeats, compile_ = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6] == "1"
+torch.manual_seed(0)
+model = BDH(BDHConfig.from_name(preset, attn_impl=impl, dropout=0.0))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+g = torch.Generator().manual_seed(1)
+x = torch.randint(0, 256, (B, T), generator=g)
+y = torch.randint(0, 256, (B, T), generator=g)
+fwd = torch.compile(model) if compile_ else model
+first_loss = None
+def step():
+    global first_loss
+    out = fwd(x, y, return_state=False)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if first_loss is None:
+        first_loss = out.loss.item()
+    opt.step()
+t0 = time.perf_counter(); step(); warm = time.perf_counter() - t0
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+print(json.dumps({"times": times, "first_step_s": warm, "loss": first_loss,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def flops_per_token(cfg, T: int) -> float:
+    n, D, L, nh, V = cfg.n_neurons, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
+    t_avg = (T + 1) / 2
+    forward = 2 * (L * (3 * n * D + t_avg * (n + nh * D)) + D * V)
+    return 3 * forward
+
+
+def run_worker(preset, T, B, impl, repeats, compile_=False) -> dict:
+    args = [sys.executable, "-c", WORKER, preset, str(T), str(B), impl, str(repeats), "1" if compile_ else "0"]
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["small", "paper-25m"])
+    p.add_argument("--seq", nargs="+", type=int, default=[512, 2048])
+    p.add_argument("--tokens-per-step", type=int, default=4096, help="batch size = this / T (at least 1)")
+    p.add_argument("--impls", nargs="+", default=["naive", "auto"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the auto form")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    from bdh import BDHConfig
+
+    peak = matmul_peak_gflops()
+    rows = []
+    for preset in args.presets:
+        cfg = BDHConfig.from_name(preset)
+        for T in args.seq:
+            B = max(1, args.tokens_per_step // T)
+            runs = {impl: run_worker(preset, T, B, impl, args.repeats) for impl in args.impls}
+            if args.compile:
+                runs["auto+compile"] = run_worker(preset, T, B, "auto", args.repeats, compile_=True)
+            rows.append(_summarise(preset, T, B, cfg, runs, peak))
+    emit("train_step", {"matmul_peak_gflops": round(peak, 1), "results": rows}, args.out)
+    return 0
+
+
+def _summarise(preset, T, B, cfg, runs, peak):
+    row = {"preset": preset, "T": T, "batch": B, "forms": {}}
+    fpt = flops_per_token(cfg, T)
+    for name, r in runs.items():
+        if "error" in r:
+            row["forms"][name] = r
+            continue
+        t = median(r["times"])
+        row["forms"][name] = {
+            "tokens_per_s": round(B * T / t, 1),
+            "step_s": round(t, 3),
+            "first_step_s": round(r["first_step_s"], 2),
+            "loss": r["loss"],
+            "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20),
+            "gflops": round(fpt * B * T / t / 1e9, 1),
+            "fraction_of_matmul_peak": round(fpt * B * T / t / 1e9 / peak, 3),
+        }
+    base = row["forms"].get("naive", {})
+    for name, f in row["forms"].items():
+        if "tokens_per_s" in f and "tokens_per_s" in base:
+            f["speedup_vs_naive"] = round(f["tokens_per_s"] / base["tokens_per_s"], 2)
+            f["memory_vs_naive"] = round(f["peak_rss_mib"] / base["peak_rss_mib"], 2)
+            f["loss_diff_vs_naive"] = abs(f["loss"] - base["loss"])
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(main())
