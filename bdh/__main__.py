@@ -1,0 +1,7 @@
+"""`python -m bdh ...` runs the bdh command line."""
+
+import sys
+
+from bdh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,675 @@
+"""The training loop: prepare everything (checking it all before touching the run directory),
+then step, log, evaluate, checkpoint, and sample at the end.
+
+Two batch modes:
+- random (default): independent windows, `model(x, y, return_state=False)`;
+- stream: row i of each batch continues row i of the previous one and the model's state is
+  carried between steps, detached (truncated backprop through time), and dropped when the lanes
+  wrap around. The carried state is saved with every checkpoint, so a resumed run continues the
+  same streams from the same state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from bdh.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_tensors, model_classes, read_json, write_json
+from bdh.errors import UserError
+from bdh.generate import generate
+from bdh.train import checkpoint as ckpt_io
+from bdh.train import distributed
+from bdh.train.args import TrainConfig
+from bdh.train.evaluate import EvalResult, check_eval_length, evaluate, tokens_per_byte
+from bdh.train.optim import lr_at, make_optimizer, set_lr
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_OUT_FILE = "train_config.json"
+# files that mark a directory as holding a run (refused as --out unless --resume or --overwrite)
+RUN_MARKERS = (ckpt_io.LATEST_FILE, ckpt_io.CHECKPOINTS_DIR, METRICS_FILE, CONFIG_OUT_FILE)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the run stops, the bad step is not saved."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C: a checkpoint of the last completed step was saved (when there was one)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, out_dir: Path):
+        self.step, self.checkpoint, self.out_dir = step, checkpoint, out_dir
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no step completed, nothing saved"
+        super().__init__(f"interrupted at step {step}: {where}; continue with: bdh train --resume {out_dir}")
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries over to the resumed run."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    best_ckpt_step: int | None = None
+    best_ckpt_val: float | None = None
+    last_val: dict | None = None  # {"step", "loss", "bpb", "ppl"} of the latest evaluation
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    tokens_seen: int
+    stopped: str  # "max_iters" or "max_minutes"
+    val: EvalResult | None = None
+    checkpoint: Path | None = None
+    sample: str | None = None
+
+
+@dataclass
+class Run:
+    """Everything prepared for training, before anything is written."""
+
+    cfg: TrainConfig
+    env: distributed.DistEnv
+    device: torch.device
+    out_dir: Path
+    corpus: Any
+    tokenizer: Any
+    tokens: Any
+    token_byte_ratio: float
+    model: torch.nn.Module  # the plain model (checkpoints, evaluation, sampling)
+    train_model: torch.nn.Module  # DDP and/or compiled wrapper used for the training steps
+    optimizer: torch.optim.Optimizer
+    param_names: list[str]
+    batches: Any
+    scaler: Any
+    autocast_dtype: torch.dtype | None
+    progress: Progress = field(default_factory=Progress)
+    carried: Any = None  # stream mode: the detached state of the last step
+    resumed_from: ckpt_io.TrainerCheckpoint | None = None
+    overwrite: bool = False
+
+    @property
+    def tokens_per_step(self) -> int:
+        c = self.cfg
+        return c.batch_size * c.block_size * c.grad_accum * self.env.world_size
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False,
+          env: distributed.DistEnv | None = None, init_method: str = "env://") -> TrainResult:
+    """Train as `cfg` says; resume from a checkpoint or run directory when given."""
+    env = env or distributed.from_environ()
+    device = resolve_device(cfg.device, env)
+    distributed.init(env, device, init_method)
+    run = None
+    try:
+        run = prepare(cfg, resume, overwrite, env, device)
+        return Trainer(run).fit()
+    finally:
+        if run is not None:
+            # DDP's reducer must be gone before its process group is destroyed, or exit can hang
+            run.train_model = None
+        distributed.shutdown(env)
+
+
+def resolve_device(name: str, env: distributed.DistEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name} was asked for, but CUDA is not available: use --device cpu")
+        return torch.device("cuda", env.local_rank) if name == "cuda" else torch.device(name)
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("device mps was asked for, but it is not available: use --device cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------
+# preparation: every check happens here, before the run directory is touched
+
+def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
+    from bdh.data import encode_prompt, load_corpus, load_tokenizer, make_tokenizer, tokenize_corpus
+
+    resumed = ckpt_io.load_checkpoint(resume) if resume is not None else None
+    out_dir = cfg.out_dir
+    check_out_dir(out_dir, resumed, overwrite)
+    if resumed is not None:
+        check_resumable(cfg, resumed, env)
+    model_config = build_model_config(cfg, vocab_size=None)  # early check of preset and overrides
+    corpus = load_corpus(cfg.data, val_fraction=cfg.val_fraction)
+    if resumed is not None:
+        tokenizer = load_tokenizer(resumed.path)
+    else:
+        tokenizer = make_tokenizer(cfg.tokenizer, corpus.train)
+    model_config = build_model_config(cfg, tokenizer.vocab_size)
+    check_model_fits(cfg, model_config, device)
+    if cfg.sample_tokens:
+        encode_prompt(tokenizer, cfg.sample_prompt)
+    tokens = tokenize_corpus(corpus, tokenizer)
+    check_eval_length(tokens.val, cfg.block_size)
+    batches = make_batches(cfg, tokens.train, env, device)
+
+    # the same initial weights on every process; then each its own dropout stream
+    torch.manual_seed(cfg.seed)
+    _, model_cls = model_classes(cfg.model_type)
+    model = model_cls(model_config)
+    torch.manual_seed(cfg.seed + env.rank)
+    if resumed is not None:
+        load_resumed_weights(model, model_config, cfg, resumed)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+    names = param_names(model, optimizer)
+    dtype = getattr(model_config, "compute_dtype", None) or cfg.dtype or "float32"
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    autocast_dtype = None
+    if cfg.dtype and cfg.dtype != "float32" and not hasattr(model_config, "compute_dtype"):
+        autocast_dtype = getattr(torch, cfg.dtype)
+    run = Run(cfg=cfg, env=env, device=device, out_dir=out_dir, corpus=corpus, tokenizer=tokenizer, tokens=tokens,
+              token_byte_ratio=tokens_per_byte(len(tokens.val), corpus.val), model=model, train_model=model,
+              optimizer=optimizer, param_names=names, batches=batches, scaler=scaler,
+              autocast_dtype=autocast_dtype, resumed_from=resumed, overwrite=overwrite)
+    if cfg.stream:
+        check_stream_state(run)
+    if resumed is not None:
+        restore(run, resumed)
+    run.train_model = distributed.wrap(model, env, device)
+    if cfg.compile:
+        run.train_model = torch.compile(run.train_model)
+    return run
+
+
+def check_out_dir(out_dir: Path, resumed, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory")
+    holds_run = any((out_dir / name).exists() for name in RUN_MARKERS)
+    if not holds_run or overwrite:
+        return
+    if resumed is None:
+        raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, --overwrite to start "
+                        "over, or choose another --out")
+    if resumed.run_dir.resolve() != out_dir.resolve():
+        raise UserError(f"{out_dir} already holds another run: resume into its own directory "
+                        f"({resumed.run_dir}), pass --overwrite, or choose another --out")
+
+
+def check_resumable(cfg: TrainConfig, resumed, env) -> None:
+    state = resumed.state
+    where = resumed.path / ckpt_io.STATE_FILE
+    if state["world_size"] != env.world_size:
+        raise UserError(f"{where} was written by {state['world_size']} process(es); resume it with the same "
+                        f"number (this run has {env.world_size})")
+    if bool(state["stream"]) != cfg.stream:
+        flag = "--stream" if state["stream"] else "--no-stream"
+        raise UserError(f"{where} comes from a run with stream={state['stream']}: pass {flag} to resume it")
+    if cfg.max_iters <= state["step"]:
+        raise UserError(f"the checkpoint is already at step {state['step']} and max_iters is {cfg.max_iters}: "
+                        "pass a larger --max-iters to train further")
+    if len(state["ranks"]) != env.world_size:
+        raise UserError(f"{where} is inconsistent: {len(state['ranks'])} process states for world size "
+                        f"{state['world_size']}")
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int | None):
+    """The preset, then the `model:` overrides, then the tokenizer's vocabulary size and --dtype."""
+    try:
+        config_cls, _ = model_classes(cfg.model_type)
+    except ImportError as err:
+        raise UserError(f"model {cfg.model_type!r} is not available in this installation ({err})") from None
+    overrides = dict(cfg.model_overrides)
+    if vocab_size is not None:
+        given = overrides.get("vocab_size")
+        if isinstance(given, int) and given < vocab_size:
+            raise UserError(f"model vocab_size {given} is smaller than the tokenizer's {vocab_size}")
+        overrides.setdefault("vocab_size", vocab_size)
+    if cfg.dtype is not None and "compute_dtype" in {f for f in config_cls.__dataclass_fields__}:
+        overrides["compute_dtype"] = cfg.dtype
+    try:
+        return config_cls.from_name(cfg.preset, **overrides)
+    except TypeError as err:
+        raise UserError(f"bad model override: {err}") from None
+
+
+def check_model_fits(cfg: TrainConfig, config, device: torch.device) -> None:
+    dtype = getattr(config, "compute_dtype", None) or cfg.dtype
+    if dtype == "float16" and device.type != "cuda":
+        raise UserError("float16 needs a CUDA device; on the CPU use --dtype bfloat16 or float32")
+    if cfg.model_type != "gpt":
+        return
+    learned = config.pos_encoding == "learned"
+    if cfg.stream and (learned or config.kv_cache_size == 0):
+        raise UserError("stream mode with the gpt model needs a carried, bounded cache: set model "
+                        "pos_encoding=alibi and kv_cache_size > 0 (e.g. --model-arg pos_encoding=alibi "
+                        "--model-arg kv_cache_size=256)")
+    if learned and cfg.block_size > config.block_size:
+        raise UserError(f"block_size {cfg.block_size} exceeds the gpt model's learned positions "
+                        f"({config.block_size}): lower --block-size or raise the model's block_size")
+
+
+def make_batches(cfg: TrainConfig, tokens, env, device):
+    from bdh.data import RandomBatches, StreamBatches
+
+    if cfg.stream:
+        return StreamBatches(tokens, cfg.batch_size, cfg.block_size, rank=env.rank, world_size=env.world_size,
+                             device=device)
+    return RandomBatches(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed + env.rank, device=device)
+
+
+def param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (its state is saved by index)."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def load_resumed_weights(model, model_config, cfg: TrainConfig, resumed) -> None:
+    config_path = resumed.path / CONFIG_FILE
+    saved = read_json(config_path)
+    if not isinstance(saved, dict) or saved.pop("model_type", "bdh") != cfg.model_type:
+        raise UserError(f"{config_path} is not a {cfg.model_type} model config")
+    ours = json.loads(json.dumps(model_config.to_dict()))
+    differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} != {ours.get(k)!r}" for k in differ)
+        raise UserError(f"{config_path} does not match the model of this run ({detail})")
+    path = resumed.path / WEIGHTS_FILE
+    model.load_weights(load_tensors(path), source=str(path))
+
+
+def probe_state(model: torch.nn.Module, device: torch.device):
+    """The state the model returns after one token (eval mode: no dropout, no RNG drawn)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, 1, dtype=torch.long, device=device), state=None).state
+    finally:
+        model.train(was_training)
+
+
+def check_stream_state(run: Run) -> None:
+    """Stream mode carries the model's state: it must detach and save as named tensors."""
+    state = probe_state(run.model, run.device)
+    for attr in ("detach", "state_dict"):
+        if not hasattr(state, attr):
+            raise UserError(f"stream mode needs a model whose state can be carried; "
+                            f"{type(state).__name__} has no {attr}()")
+
+
+def restore(run: Run, resumed) -> None:
+    """Optimizer, counters, data position, RNG states and carried state from a checkpoint."""
+    state, env = resumed.state, run.env
+    ckpt_io.load_optimizer(run.optimizer, run.param_names, resumed.path / ckpt_io.OPTIMIZER_FILE)
+    p = run.progress
+    p.step, p.tokens_seen, p.elapsed_s = int(state["step"]), int(state["tokens_seen"]), float(state["elapsed_s"])
+    p.best_val_loss, p.best_step = state.get("best_val_loss"), state.get("best_step")
+    p.best_ckpt_step, p.best_ckpt_val = state.get("best_ckpt_step"), state.get("best_ckpt_val")
+    p.last_val = state.get("last_val")
+    mine = state["ranks"][env.rank]
+    try:
+        run.batches.load_state_dict(ckpt_io.from_json_safe(mine["data"]))
+        ckpt_io.set_rng_state(mine["rng"])
+        if state.get("scaler") and run.scaler.is_enabled():
+            run.scaler.load_state_dict(state["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{resumed.path / ckpt_io.STATE_FILE} is corrupt: cannot restore the data position or "
+                        f"random state ({type(err).__name__}: {err})") from None
+    if run.cfg.stream:
+        run.carried = load_stream_state(run, resumed)
+
+
+def load_stream_state(run: Run, resumed):
+    path = resumed.path / ckpt_io.STREAM_FILE
+    if not path.is_file():
+        return None
+    tensors = load_tensors(path, device=run.device)
+    B, rank = run.cfg.batch_size, run.env.rank
+    rows = tensors["pos"].shape[0] if "pos" in tensors else -1
+    if rows != B * run.env.world_size:
+        # another batch size: the stream lanes restart anyway, and so does the state
+        return None
+    probe = probe_state(run.model, run.device)
+    mine = {k: v[rank * B:(rank + 1) * B] for k, v in tensors.items()}
+    try:
+        return type(probe).from_state_dict(mine)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# one optimizer step (also used by the distributed test)
+
+def forward_backward(model, batches, grad_accum: int = 1, stream: bool = False, state=None, scaler=None,
+                     autocast_dtype: torch.dtype | None = None):
+    """Accumulate the gradients of grad_accum micro-batches: (summed mean loss, carried state).
+
+    Under DDP only the last micro-batch synchronises gradients.
+    """
+    loss_sum = 0.0
+    for micro in range(grad_accum):
+        batch = next(batches)
+        if stream:
+            x, y, reset = batch
+            state = None if reset else state
+        else:
+            x, y = batch
+        amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with distributed.no_sync(model, micro < grad_accum - 1), amp:
+            out = model(x, y, state=state) if stream else model(x, y, return_state=False)
+            loss = out.loss / grad_accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if stream:
+            state = out.state.detach()
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum, state
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+class Trainer:
+    def __init__(self, run: Run):
+        self.run = run
+        self.cfg = run.cfg
+        self.main = run.env.is_main
+        self.stop_requested = False
+        self.boundary: dict[str, Any] = {}
+        self.last_ckpt_step: int | None = None
+        self.last_ckpt_path: Path | None = None
+        resumed = run.resumed_from
+        if resumed is not None and resumed.run_dir.resolve() == run.out_dir.resolve():
+            self.last_ckpt_step, self.last_ckpt_path = run.progress.step, resumed.path
+
+    # output
+    def say(self, text: str) -> None:
+        if self.main:
+            tqdm.write(text, file=sys.stdout)
+            sys.stdout.flush()
+
+    def fit(self) -> TrainResult:
+        run, cfg, p = self.run, self.cfg, self.run.progress
+        if self.main:
+            self.init_out_dir()
+        self.snapshot()
+        self.t0 = time.monotonic()
+        self.elapsed0 = p.elapsed_s
+        self.window = (time.monotonic(), p.tokens_seen)
+        bar = tqdm(total=cfg.max_iters, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.main, file=sys.stderr, mininterval=0.5)
+        stopped = "max_iters"
+        try:
+            with self.sigint_flag():
+                while p.step < cfg.max_iters:
+                    loss, lr, stop = self.step()
+                    self.after_step(loss, lr, bar, last=stop or p.step >= cfg.max_iters)
+                    if stop:
+                        stopped = "interrupted" if self.stop_requested else "max_minutes"
+                        break
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        finally:
+            bar.close()
+        if stopped == "interrupted":
+            path = self.save() if p.step > 0 else None
+            raise TrainingInterrupted(p.step, path, run.out_dir)
+        return self.finish(stopped)
+
+    def step(self) -> tuple[float, float, bool]:
+        run, cfg, p = self.run, self.cfg, self.run.progress
+        lr = lr_at(p.step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.schedule_iters, cfg.decay)
+        set_lr(run.optimizer, lr)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss, state = forward_backward(run.train_model, run.batches, cfg.grad_accum, cfg.stream, run.carried,
+                                       run.scaler if run.scaler.is_enabled() else None, run.autocast_dtype)
+        local = float(loss)
+        over_time = cfg.max_minutes is not None and time.monotonic() - self.t0 > cfg.max_minutes * 60
+        # one collective per step: the mean loss, and whether any process saw a bad loss or wants to stop
+        total, bad, stop = distributed.all_reduce_sum(
+            [local if math.isfinite(local) else 0.0, float(not math.isfinite(local)),
+             float(over_time or self.stop_requested)], run.env, run.device)
+        if bad:
+            self.diverged(local if not math.isfinite(local) else float("nan"))
+        if cfg.grad_clip > 0:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.carried = state
+        p.step += 1
+        p.tokens_seen += run.tokens_per_step
+        self.snapshot()
+        return total / run.env.world_size, lr, bool(stop)
+
+    def snapshot(self) -> None:
+        """Data position and RNG states at the boundary between two steps (what a checkpoint holds)."""
+        self.boundary = {"data": self.run.batches.state_dict(), "torch": torch.get_rng_state()}
+        if self.run.device.type == "cuda":
+            self.boundary["cuda"] = torch.cuda.get_rng_state_all()
+
+    def diverged(self, loss: float) -> None:
+        where = self.last_ckpt_path or self.latest_checkpoint()
+        keep = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
+        raise TrainingDiverged(f"loss became {loss} at step {self.run.progress.step + 1}: training stopped "
+                               f"without saving that step; {keep} (try a lower --lr or --grad-clip)")
+
+    def latest_checkpoint(self) -> Path | None:
+        latest = self.run.out_dir / ckpt_io.LATEST_FILE
+        return self.run.out_dir / latest.read_text().strip() if latest.is_file() else None
+
+    def after_step(self, loss: float, lr: float, bar, last: bool) -> None:
+        """Progress bar, then validation, metrics line and checkpoint when they are due.
+
+        The last step is always validated and logged (an interrupted run is not: it only saves).
+        """
+        cfg, p = self.cfg, self.run.progress
+        now = time.monotonic()
+        tok_s = (p.tokens_seen - self.window[1]) / max(now - self.window[0], 1e-9)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update(1)
+        last = last and not self.stop_requested
+        val = None
+        if (cfg.eval_interval and p.step % cfg.eval_interval == 0) or last:
+            val = self.validate()
+        if p.step % cfg.log_interval == 0 or val is not None or last:
+            self.log({"train_loss": loss, "lr": lr, "tokens_per_s": tok_s}, val)
+            self.window = (time.monotonic(), p.tokens_seen)
+        if cfg.ckpt_interval and p.step % cfg.ckpt_interval == 0:
+            self.save()
+            self.window = (time.monotonic(), p.tokens_seen)
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.monotonic() - self.t0
+
+    def validate(self) -> EvalResult | None:
+        """Validation loss on rank 0 (the others go on and wait at the next collective)."""
+        run, p = self.run, self.run.progress
+        if not self.main:
+            return None
+        result = evaluate(run.model, run.tokens.val, self.cfg.batch_size, self.cfg.block_size, self.cfg.eval_iters,
+                          run.device, run.token_byte_ratio)
+        p.last_val = {"step": p.step, **result.to_dict()}
+        if p.best_val_loss is None or result.loss < p.best_val_loss:
+            p.best_val_loss, p.best_step = result.loss, p.step
+        self.say(f"step {p.step}: val loss {result.loss:.4f}, {result.bpb:.4f} bits/byte, ppl {result.ppl:.2f}")
+        return result
+
+    def log(self, train: dict[str, float], val: EvalResult | None) -> None:
+        if not self.main:
+            return
+        p = self.run.progress
+        record = {"step": p.step, "tokens": p.tokens_seen, **train, "elapsed_s": round(self.elapsed(), 3)}
+        if val is not None:
+            record.update(val_loss=val.loss, val_bpb=val.bpb, val_ppl=val.ppl)
+        ckpt_io.append_jsonl(self.run.out_dir / METRICS_FILE, record)
+
+    # checkpoints
+    def save(self) -> Path | None:
+        """All processes hand their data position, RNG and carried state to rank 0, which writes."""
+        run, p = self.run, self.run.progress
+        if self.last_ckpt_step == p.step:
+            return self.last_ckpt_path
+        mine = {"data": ckpt_io.to_json_safe(self.boundary["data"]), "rng": self.rng_payload()}
+        ranks = distributed.gather_objects(mine, run.env)
+        stream = self.gather_stream_state()
+        if not self.main:
+            self.last_ckpt_step = p.step
+            return None
+        val = p.last_val if p.last_val and p.last_val.get("step") == p.step else None
+        if val is not None and (p.best_ckpt_val is None or val["loss"] < p.best_ckpt_val):
+            p.best_ckpt_step, p.best_ckpt_val = p.step, val["loss"]
+        path = ckpt_io.save_checkpoint(run.out_dir, p.step, run.model, run.tokenizer, run.optimizer,
+                                       run.param_names, self.trainer_state(ranks, val), stream)
+        if p.best_ckpt_step == p.step:
+            ckpt_io.mark_best(run.out_dir, p.step)
+        ckpt_io.prune(run.out_dir, self.cfg.keep_checkpoints, p.best_ckpt_step)
+        self.last_ckpt_step, self.last_ckpt_path = p.step, path
+        return path
+
+    def rng_payload(self) -> dict[str, Any]:
+        rng = ckpt_io.rng_state()
+        rng["torch"] = ckpt_io.to_json_safe(self.boundary["torch"])
+        if "cuda" in self.boundary:
+            rng["cuda"] = [ckpt_io.to_json_safe(s) for s in self.boundary["cuda"]]
+        return rng
+
+    def gather_stream_state(self) -> dict[str, torch.Tensor] | None:
+        run = self.run
+        if not self.cfg.stream:
+            return None
+        have = float(run.carried is not None)
+        if distributed.all_reduce_sum([have], run.env, run.device)[0] < run.env.world_size:
+            return None
+        tensors = run.carried.state_dict()
+        gathered = {key: distributed.gather_tensor(value, run.env) for key, value in sorted(tensors.items())}
+        return gathered if self.main else None
+
+    def trainer_state(self, ranks: list, val: dict | None) -> dict[str, Any]:
+        run, cfg, p = self.run, self.cfg, self.run.progress
+        return {
+            "step": p.step, "tokens_seen": p.tokens_seen, "elapsed_s": round(self.elapsed(), 3),
+            "best_val_loss": p.best_val_loss, "best_step": p.best_step,
+            "best_ckpt_step": p.best_ckpt_step, "best_ckpt_val": p.best_ckpt_val,
+            "val": val, "last_val": p.last_val,
+            "schedule": {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_iters": cfg.warmup_iters,
+                         "decay": cfg.decay, "decay_iters": cfg.schedule_iters,
+                         "next_lr": lr_at(p.step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.schedule_iters, cfg.decay)},
+            "world_size": run.env.world_size, "stream": cfg.stream, "model_type": cfg.model_type,
+            "ranks": ranks, "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+            "train_config": cfg.to_dict(),
+            "tokenizer": {"kind": run.tokenizer.kind, "vocab_size": run.tokenizer.vocab_size},
+            "data": self.data_summary(),
+        }
+
+    def data_summary(self) -> dict[str, Any]:
+        run = self.run
+        return {"name": run.corpus.name, "train_tokens": int(len(run.tokens.train)),
+                "val_tokens": int(len(run.tokens.val)), "val_tokens_per_byte": run.token_byte_ratio}
+
+    def init_out_dir(self) -> None:
+        """Rank 0, after every check passed: clear an overwritten run, carry metrics over, save the config."""
+        run = self.run
+        out = run.out_dir
+        resumed = run.resumed_from
+        same_dir = resumed is not None and resumed.run_dir.resolve() == out.resolve()
+        if run.overwrite and not same_dir:
+            clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if resumed is not None:
+            records = ckpt_io.read_jsonl(resumed.run_dir / METRICS_FILE)
+            ckpt_io.rewrite_jsonl(out / METRICS_FILE, [r for r in records if r.get("step", 0) <= run.progress.step])
+        resolved = self.resolved_config()
+        write_json(out / CONFIG_OUT_FILE, resolved)
+        self.say("bdh train: resolved config\n" + json.dumps(resolved, indent=2, sort_keys=True))
+        if resumed is not None:
+            self.say(f"resuming from {resumed.path} at step {run.progress.step}")
+
+    def resolved_config(self) -> dict[str, Any]:
+        run = self.run
+        model = run.model
+        return {
+            "train": run.cfg.to_dict(),
+            "model": {"model_type": run.cfg.model_type, **model.config.to_dict()},
+            "parameters": sum(q.numel() for q in model.parameters()),
+            "world_size": run.env.world_size, "device": str(run.device),
+            "tokenizer": {"kind": run.tokenizer.kind, "vocab_size": run.tokenizer.vocab_size},
+            "data": self.data_summary(),
+            "tokens_per_step": run.tokens_per_step,
+        }
+
+    # the end
+    def finish(self, stopped: str) -> TrainResult:
+        run, p = self.run, self.run.progress
+        val = None
+        if self.main:
+            if p.last_val and p.last_val.get("step") == p.step:
+                val = EvalResult(**{k: p.last_val[k] for k in ("loss", "bpb", "ppl", "tokens")})
+            else:
+                val = self.validate()
+                self.log({}, val)
+        path = self.save()
+        sample = self.sample() if self.main and self.cfg.sample_tokens else None
+        if self.main:
+            how = "time budget reached" if stopped == "max_minutes" else "done"
+            self.say(f"{how}: step {p.step}, {p.tokens_seen:,} tokens, val loss {val.loss:.4f} "
+                     f"({val.bpb:.4f} bits/byte); checkpoint {path}")
+        return TrainResult(out_dir=run.out_dir, step=p.step, tokens_seen=p.tokens_seen, stopped=stopped, val=val,
+                           checkpoint=path, sample=sample)
+
+    def sample(self) -> str:
+        from bdh.data import encode_prompt
+
+        run, cfg = self.run, self.cfg
+        ids = encode_prompt(run.tokenizer, cfg.sample_prompt)
+        n = cfg.sample_tokens
+        limit = getattr(run.model.config, "block_size", None)
+        if getattr(run.model.config, "pos_encoding", None) == "learned" and limit is not None:
+            n = max(0, min(n, limit - len(ids)))
+        generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
+        idx = torch.tensor([ids], dtype=torch.long, device=run.device)
+        out = generate(run.model, idx, n, temperature=0.8, top_k=200, generator=generator)
+        text = run.tokenizer.decode(out[0, len(ids):].tolist())
+        self.say(f"--- sample ({n} tokens) ---\n{cfg.sample_prompt}{text}\n---")
+        return text
+
+    @contextmanager
+    def sigint_flag(self):
+        """The first Ctrl-C asks to stop after the current step; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self.stop_requested = True
+            signal.signal(signal.SIGINT, previous)
+            self.say("stopping after this step (Ctrl-C again to stop at once)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def clear_run(out: Path) -> None:
+    """Remove what a previous run wrote (and only that) from its directory."""
+    for name in RUN_MARKERS + (ckpt_io.BEST_FILE,):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
