@@ -64,17 +64,19 @@ def _row_blocks(n: int, N: int):
 
 
 def _blocks(E: torch.Tensor, Dx: torch.Tensor, N: int):
-    """Yield (r0, block (rows, n) of G with its diagonal entries set to nan, head)."""
+    """Yield (r0, block (rows, n) of G = E[r0:r1] @ Dx, head of those rows, positions of the diagonal)."""
     n = E.shape[0]
     for r0, r1, head in _row_blocks(n, N):
-        blk = E[r0:r1] @ Dx  # rows, n
         rows = torch.arange(r1 - r0)
-        blk[rows, rows + r0] = float("nan")
-        yield r0, blk, head
+        yield r0, E[r0:r1] @ Dx, head, (rows, rows + r0)
 
 
 class _TopK:
-    """The k largest values seen so far and their flat positions i * n + j."""
+    """The k largest values seen so far and their flat positions i * n + j.
+
+    Once k values are held, a block only contributes the entries above the current k-th value,
+    found by one comparison, so a pass costs about one elementwise sweep per block.
+    """
 
     def __init__(self, k: int):
         self.k = k
@@ -82,36 +84,50 @@ class _TopK:
         self.index = torch.empty(0, dtype=torch.long)
 
     def add(self, block: torch.Tensor, offset: int) -> None:
-        flat = torch.nan_to_num(block.reshape(-1), nan=-float("inf"))
-        k = min(self.k, flat.numel())
-        v, i = torch.topk(flat, k)
-        values, index = torch.cat([self.values, v]), torch.cat([self.index, i + offset])
+        flat = block.reshape(-1)
+        if len(self.values) == self.k:
+            index = torch.nonzero(flat > self.values[-1]).squeeze(1)
+            if not len(index):
+                return
+            values = flat[index]
+        else:
+            values, index = torch.topk(flat, min(self.k, flat.numel()))
+        values, index = torch.cat([self.values, values]), torch.cat([self.index, index + offset])
         keep = torch.topk(values, min(self.k, values.numel()))
         self.values, self.index = keep.values, index[keep.indices]
+
+
+def _per_head_sum(cols: torch.Tensor) -> torch.Tensor:
+    """(rows, nh, N) -> (nh,) sums in float64 (each block sum in float32 first: fast, pairwise)."""
+    return cols.sum(dim=(0, 2)).double()
 
 
 def scan_graph(E: torch.Tensor, Dx: torch.Tensor, N: int, k: int) -> dict:
     """Pass 1: moments per head block, extremes, and the k largest off-diagonal entries."""
     n = E.shape[0]
     nh = n // N
-    s1, s2, s3 = (torch.zeros(nh, nh, dtype=torch.float64) for _ in range(3))
-    count = torch.zeros(nh, nh, dtype=torch.float64)
+    s1, s2, s3, count = (torch.zeros(nh, nh, dtype=torch.float64) for _ in range(4))
     lo, hi = float("inf"), -float("inf")
     top = _TopK(k)
-    for r0, blk, head in _blocks(E, Dx, N):
-        cols = blk.view(blk.shape[0], nh, N).double()  # rows, nh, N
-        valid = ~torch.isnan(cols)
-        c = torch.where(valid, cols, 0.0)
-        s1[head] += c.sum(dim=(0, 2))
-        s2[head] += (c * c).sum(dim=(0, 2))
-        s3[head] += (c * c * c).sum(dim=(0, 2))
-        count[head] += valid.sum(dim=(0, 2))
-        lo = min(lo, float(torch.nan_to_num(blk, nan=float("inf")).min()))
-        hi = max(hi, float(torch.nan_to_num(blk, nan=-float("inf")).max()))
+    for r0, blk, head, diag in _blocks(E, Dx, N):
+        rows = blk.shape[0]
+        d = blk[diag].double()  # the self-loops, all in column block `head`: taken out of every sum
+        power = blk.clone()
+        for moment, p in ((s1, 1), (s2, 2), (s3, 3)):
+            if p > 1:
+                power.mul_(blk)
+            moment[head] += _per_head_sum(power.view(rows, nh, N))
+            moment[head, head] -= float((d ** p).sum())
+        count[head] += rows * N
+        count[head, head] -= rows
+        blk[diag] = float("inf")
+        lo = min(lo, float(blk.min()))
+        blk[diag] = -float("inf")
+        hi = max(hi, float(blk.max()))
         top.add(blk, r0 * n)
     total = count.sum()
     mean = float(s1.sum() / total)
-    std = float(torch.sqrt(s2.sum() / total - mean ** 2))
+    std = float(torch.sqrt((s2.sum() / total - mean ** 2).clamp(min=0)))
     return {"n": n, "N": N, "mean": mean, "std": std, "min": lo, "max": hi,
             "block_moments": (s1, s2, s3, count), "top_values": top.values, "top_index": top.index}
 
@@ -123,23 +139,31 @@ def _block_stats(s1, s2, s3, count) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return mean, var.sqrt(), third / var ** 1.5
 
 
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """Column counts of a (rows, n) bool mask as float64 (n,): summed as bytes, much faster than bool sums."""
+    return mask.view(torch.uint8).sum(dim=0, dtype=torch.int32).double()
+
+
 def tail_scan(E: torch.Tensor, Dx: torch.Tensor, N: int, betas: Sequence[float], beta_ref: float,
               lo: float, hi: float, bins: int = 80) -> dict:
-    """Pass 2: entries >= each beta, per-block tails at +-beta_ref, per-head histograms."""
+    """Pass 2: entries >= each beta, per-block tails at +-beta_ref, per-head histograms (no self-loops)."""
     n = E.shape[0]
     nh = n // N
     counts = torch.zeros(len(betas), dtype=torch.float64)
     pos, neg = torch.zeros(nh, nh, dtype=torch.float64), torch.zeros(nh, nh, dtype=torch.float64)
     hist = torch.zeros(nh, bins, dtype=torch.float64)
-    for _, blk, head in _blocks(E, Dx, N):
-        flat = blk.reshape(-1)
-        flat = flat[~torch.isnan(flat)]
+    mask = torch.empty(0, dtype=torch.bool)
+    for _, blk, head, diag in _blocks(E, Dx, N):
+        d = blk[diag]
+        if mask.shape != blk.shape:
+            mask = torch.empty(blk.shape, dtype=torch.bool)
         for k, beta in enumerate(betas):
-            counts[k] += float((flat >= beta).sum())
-        cols = blk.view(blk.shape[0], nh, N)
-        pos[head] += (cols >= beta_ref).sum(dim=(0, 2)).double()
-        neg[head] += (cols <= -beta_ref).sum(dim=(0, 2)).double()
-        hist[head] += torch.histc(flat, bins=bins, min=lo, max=hi).double()
+            counts[k] += float(_count(torch.ge(blk, beta, out=mask)).sum() - (d >= beta).sum())
+        pos[head] += _count(torch.ge(blk, beta_ref, out=mask)).view(nh, N).sum(dim=1)
+        pos[head, head] -= float((d >= beta_ref).sum())
+        neg[head] += _count(torch.le(blk, -beta_ref, out=mask)).view(nh, N).sum(dim=1)
+        neg[head, head] -= float((d <= -beta_ref).sum())
+        hist[head] += (torch.histc(blk, bins=bins, min=lo, max=hi) - torch.histc(d, bins=bins, min=lo, max=hi)).double()
     return {"counts": counts.tolist(), "pos": pos, "neg": neg, "hist": hist,
             "hist_edges": torch.linspace(lo, hi, bins + 1).tolist()}
 
@@ -205,7 +229,8 @@ def lowrank_top(n: int, rank: int, k: int, N: int, seed: int = 0) -> tuple[torch
     g = torch.Generator().manual_seed(seed)
     P1, P2 = torch.randn(n, rank, generator=g), torch.randn(n, rank, generator=g)
     top = _TopK(k)
-    for r0, blk, _ in _blocks(P1, P2.T.contiguous(), N):
+    for r0, blk, _, diag in _blocks(P1, P2.T.contiguous(), N):
+        blk[diag] = -float("inf")
         top.add(blk, r0 * n)
     return top.values, top.index
 
@@ -291,13 +316,18 @@ def analyse_neuron_graph(model: nn.Module, betas: Sequence[float] | None = None,
     top_v, top_i = scan["top_values"], scan["top_index"]
     betas = auto_betas(top_v, n, n_betas, max_edges) if betas is None else sorted((float(b) for b in betas), reverse=True)
     beta_ref = float(top_v[min(degree_edges, len(top_v)) - 1])
-    tails = tail_scan(E, Dx, N, betas, beta_ref, scan["min"], scan["max"])
+    # above the k-th largest entry the top-k list holds every entry, so it counts them exactly
+    kth = float(top_v[-1]) if len(top_v) == k else -float("inf")
+    outside = [b for b in betas if b <= kth]
+    tails = tail_scan(E, Dx, N, outside, beta_ref, scan["min"], scan["max"])
+    scanned = dict(zip(outside, tails["counts"]))
+    counts = [scanned[b] if b in scanned else int((top_v >= b).sum()) for b in betas]
     mean, std = scan["mean"], scan["std"]
     pairs = n * (n - 1)
 
     sweep = []
     low_v = low_i = None
-    for beta, directed in zip(betas, tails["counts"]):
+    for beta, directed in zip(betas, counts):
         directed = int(directed)
         row = {"beta": beta, "beta_over_std": (beta - mean) / std if std > 0 else None,
                "edges_directed": directed,
@@ -313,7 +343,8 @@ def analyse_neuron_graph(model: nn.Module, betas: Sequence[float] | None = None,
         row.update(edges=g.ecount(), modularity=q, communities=comms)
         gnm = gnm_graph(n, g.ecount(), baseline_seed)
         if low_v is None:
-            low_v, low_i = lowrank_top(n, E.shape[1], min(k, max_edges), N, baseline_seed)
+            # twice the directed entries, so that m distinct undirected pairs are always among them
+            low_v, low_i = lowrank_top(n, E.shape[1], min(2 * max_edges, pairs), N, baseline_seed)
         low = undirected(n, *first_undirected(low_i, n, g.ecount()))
         row["baselines"] = {
             "gnm": dict(zip(("modularity", "communities"), louvain_modularity(gnm, seeds)), edges=gnm.ecount()),

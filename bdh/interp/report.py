@@ -110,6 +110,7 @@ def build_report(model: nn.Module, tokenizer, ids: Sequence[int], *, text_path: 
     model = unwrap(model)
     c = model.config
     N = c.neurons_per_head
+    check_synapses(model, trace or [])
     timer = _Timer(log)
     report: dict = {"schema": SCHEMA}
     report["model"] = {**c.to_dict(), "n_neurons": c.n_neurons, "neurons_per_head": N,
@@ -154,6 +155,16 @@ def build_report(model: nn.Module, tokenizer, ids: Sequence[int], *, text_path: 
     return plain(report)
 
 
+def check_synapses(model: nn.Module, synapses: Sequence[Sequence[int]]) -> None:
+    """UserError naming the first (layer, head, i, j) that does not exist in this model."""
+    c = model.config
+    N = c.neurons_per_head
+    for l, h, i, j in synapses:
+        if not (1 <= l < c.n_layer and 0 <= h < c.n_head and 0 <= i < N and 0 <= j < N):
+            raise UserError(f"no synapse {l}:{h}:{i}:{j}: layer 1..{c.n_layer - 1}, head 0..{c.n_head - 1}, "
+                            f"neurons 0..{N - 1}")
+
+
 def _concepts(model, tokenizer, layers, top_k, candidates, normalize, concept, control, names, transfer,
               transfer_names, max_synapses) -> dict:
     shipped = concept is None and control is None
@@ -188,10 +199,6 @@ def _traces(model, tokenizer, ids, report, trace, n_trace, chunk_len) -> list[di
         if s not in seen:
             seen.add(s)
             unique.append((s, why))
-    for (l, h, i, j), _ in unique:
-        if not (1 <= l < model.config.n_layer and 0 <= h < model.config.n_head and 0 <= i < N and 0 <= j < N):
-            raise UserError(f"no synapse {l}:{h}:{i}:{j}: layer 1..{model.config.n_layer - 1}, "
-                            f"head 0..{model.config.n_head - 1}, neurons 0..{N - 1}")
     if not unique:
         return []
     acc = TraceAccumulator([s for s, _ in unique], model_decay(model))

@@ -108,7 +108,7 @@ def test_user_errors_are_one_line_messages(checkpoint, tmp_path):
     with pytest.raises(UserError, match="--concept and --control together"):
         run_inspect(parse("--text", str(text), "--concept", str(text), *base))
     with pytest.raises(UserError, match="no synapse 5:0:0:0"):
-        run_inspect(parse("--text", str(text), "--trace", "5:0:0:0", "--no-graph", "--no-concepts", *base))
+        run_inspect(parse("--text", str(text), "--trace", "5:0:0:0", *base))
     with pytest.raises(UserError, match="l runs from 1 to 1"):
         run_inspect(parse("--text", str(text), "--layers", "2", *base))
     with pytest.raises(SystemExit):
