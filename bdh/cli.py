@@ -4,6 +4,8 @@
     bdh generate  sample from a checkpoint, streaming the text as it comes
     bdh eval      loss, bits per byte and perplexity of a checkpoint on text
     bdh info      a checkpoint's config, parameter counts and training summary
+    bdh compare   BDH against the GPT baseline of the same parameter count, trained alike
+    bdh sweep     validation loss against parameter count at several sizes, with power-law fits
 
 Every problem the user can fix ends as one line `bdh: error: ...` on stderr and exit status 2.
 """
@@ -37,9 +39,6 @@ class ArgParser(argparse.ArgumentParser):
 # bdh train
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    from bdh.train.args import TrainConfig, field_help, scalar_type, _types
-
-    helps, hints = field_help(), _types()
     parser.add_argument("--config", metavar="FILE", help="YAML file of training options (TrainConfig field names; "
                         "a `model:` mapping overrides model-config fields); flags given here win")
     parser.add_argument("--resume", nargs="?", const="", metavar="DIR",
@@ -49,9 +48,17 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                         help="start over in an --out directory that already holds a run")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="override one model-config field, e.g. --model-arg dropout=0.1 (repeatable)")
+    add_train_fields(parser)
+
+
+def add_train_fields(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (but those in skip), its docstring as the help."""
+    from bdh.train.args import TrainConfig, field_help, scalar_type, _types
+
+    helps, hints = field_help(), _types()
     for f in dataclasses.fields(TrainConfig):
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        if flag is None:
+        if flag is None or f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         text = helps.get(f.name, "")
@@ -80,7 +87,7 @@ def _parse_as(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def parse_model_args(items: list[str]) -> dict[str, Any]:
+def parse_model_args(items: list[str], flag: str = "--model-arg") -> dict[str, Any]:
     """KEY=VALUE pairs; each VALUE is read as YAML (numbers, true/false, lists)."""
     import yaml
 
@@ -88,7 +95,7 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"--model-arg expects KEY=VALUE, got {item!r}")
+            raise UserError(f"{flag} expects KEY=VALUE, got {item!r}")
         try:
             overrides[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -106,7 +113,7 @@ def train_config_from_args(args: argparse.Namespace):
     from_yaml = train_args.load_yaml_config(args.config) if args.config else {}
     values: dict[str, Any] = {}
     resumed = None
-    if args.resume is not None:
+    if getattr(args, "resume", None) is not None:
         target = args.resume or flags.get("out") or from_yaml.get("out")
         if not target:
             preset = flags.get("preset") or from_yaml.get("preset") or train_args.TrainConfig.preset
@@ -379,6 +386,92 @@ def _training_summary(state: dict) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# bdh compare, bdh sweep
+
+def add_experiment_args(parser: argparse.ArgumentParser) -> None:
+    """What compare and sweep share: the output directory, the model arguments, the training options."""
+    parser.add_argument("--out", dest="experiment_dir", required=True, metavar="DIR",
+                        help="directory of the experiment: one run directory per model and size, the report, "
+                             "the figures; running the same command again reuses finished runs and resumes "
+                             "an unfinished one")
+    parser.add_argument("--overwrite", action="store_true", help="train every run from the start")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of training options shared by every run "
+                        "(TrainConfig field names; a `model:` mapping overrides BDH config fields); flags win")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one BDH config field, e.g. --model-arg dropout=0.1 (repeatable)")
+    parser.add_argument("--gpt-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="hold one field of the matched GPT, e.g. --gpt-arg pos_encoding=alibi "
+                             "(repeatable; default: GPT-2 shape with learned positions for --block-size)")
+    add_train_fields(parser, skip=("model_type", "out"))
+
+
+def add_compare_args(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Both models share every training option (data, tokenizer, batches, optimizer, schedule, seed, "
+                     "--max-iters and --max-minutes: each model gets the budget, whichever limit comes first; the "
+                     "learning rate decays over --max-iters). Writes DIR/bdh, DIR/gpt, compare.md, compare.json, "
+                     "val_loss_vs_tokens.png and val_loss_vs_time.png.")
+    add_experiment_args(parser)
+
+
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    from bdh.experiments.sweep import DEFAULT_SIZES, FIT_ON, MODELS
+
+    parser.epilog = ("BDH grows only its neuron count; gpt-mK is the GPT of bdh-mK's parameter count. Every run gets "
+                     "the same training options and budget (--max-iters / --max-minutes per run). Writes "
+                     "DIR/<model>-m<size>/, sweep.md, sweep.json and scaling.png.")
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), metavar="M,M,...",
+                        help="BDH neuron multipliers (mlp_internal_dim_multiplier) of the --preset to train "
+                             f"(default: {','.join(map(str, DEFAULT_SIZES))})")
+    parser.add_argument("--models", default=",".join(MODELS), metavar="LIST",
+                        help=f"which models to train, comma-separated (default: {','.join(MODELS)})")
+    parser.add_argument("--fit-on", choices=FIT_ON, default="auto",
+                        help="parameter count of the fit and figure: total, non-embedding, or auto (total when it "
+                             "spans 10x for every model) (default: auto)")
+    add_experiment_args(parser)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bdh.experiments import compare
+
+    cfg, _ = train_config_from_args(args)
+    gpt_fixed = parse_model_args(args.gpt_arg, "--gpt-arg")
+    return _experiment(lambda: compare(cfg, args.experiment_dir, gpt_fixed, overwrite=args.overwrite,
+                                       command=_command_line(args)))
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from bdh.experiments import sweep
+    from bdh.experiments.sweep import parse_models, parse_sizes
+
+    sizes, models = parse_sizes(args.sizes), parse_models(args.models)
+    cfg, _ = train_config_from_args(args)
+    gpt_fixed = parse_model_args(args.gpt_arg, "--gpt-arg")
+    return _experiment(lambda: sweep(cfg, args.experiment_dir, sizes, models, gpt_fixed, fit_on=args.fit_on,
+                                     overwrite=args.overwrite, command=_command_line(args)))
+
+
+def _experiment(run: Callable[[], Any]) -> int:
+    """A failed training run is one error line (exit 1); Ctrl-C says how to resume (exit 130)."""
+    from bdh.experiments import RunFailed
+
+    try:
+        run()
+    except RunFailed as err:
+        _error(f"{err}; run the same command again to retry (finished runs are kept)")
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    import shlex
+
+    return shlex.join([PROG, *getattr(args, "argv", [args.command])])
+
+
+# --------------------------------------------------------------------------------------------
 # the table and main
 
 @dataclasses.dataclass(frozen=True)
@@ -393,6 +486,8 @@ COMMANDS: dict[str, Command] = {
     "generate": Command(cmd_generate, add_generate_args, "sample text from a checkpoint, streamed as it comes"),
     "eval": Command(cmd_eval, add_eval_args, "validation loss, bits per byte and perplexity of a checkpoint"),
     "info": Command(cmd_info, add_info_args, "a checkpoint's config, parameter counts and training summary"),
+    "compare": Command(cmd_compare, add_compare_args, "train BDH and a GPT of its size alike; table and curves"),
+    "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),
 }
 
 
@@ -415,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             raise CLIError(f"a command is required: {', '.join(COMMANDS)} (see: {PROG} --help)")
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         return COMMANDS[args.command].run(args)
     except SystemExit as exit_:  # --help and --version
         return exit_.code if isinstance(exit_.code, int) else 0

@@ -1,0 +1,13 @@
+"""Experiments that check the paper's claims: BDH against the GPT baseline of the same size
+(`compare`), and validation loss against parameter count at several sizes (`sweep`).
+
+Every run is a normal `bdh train` run directory, trained in a child process that measures its
+peak memory; an experiment that was killed resumes where it stopped when run again.
+"""
+
+from bdh.experiments.compare import compare, plan_compare
+from bdh.experiments.runs import RunFailed
+from bdh.experiments.sweep import DEFAULT_SIZES, PowerLaw, fit_power_law, plan_sweep, sweep
+
+__all__ = ["DEFAULT_SIZES", "PowerLaw", "RunFailed", "compare", "fit_power_law", "plan_compare", "plan_sweep",
+           "sweep"]
