@@ -6,6 +6,8 @@
     bdh info      a checkpoint's config, parameter counts and training summary
     bdh compare   BDH against the GPT baseline of the same parameter count, trained alike
     bdh sweep     validation loss against parameter count at several sizes, with power-law fits
+    bdh inspect   sparsity, synapses, concept synapses and the neuron graph: report.json + .html
+    bdh bench     the speed and memory benchmarks of benchmarks/ (JSON out)
 
 Every problem the user can fix ends as one line `bdh: error: ...` on stderr and exit status 2.
 """
@@ -472,6 +474,40 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# inspect and bench
+
+def add_inspect_args(parser: argparse.ArgumentParser) -> None:
+    from bdh.interp.cli import add_inspect_arguments
+
+    add_inspect_arguments(parser)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bdh.interp.cli import run_inspect
+
+    return run_inspect(args)
+
+
+BENCHMARKS = ("train_step", "generate", "sparse_decode")
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=BENCHMARKS, help="which benchmark to run")
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="its own options (see: bdh bench NAME --help)")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run benchmarks/<name>.py of the source checkout (benchmarks are not installed with the package)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}.py"
+    if not script.is_file():
+        raise UserError(f"benchmarks/{args.name}.py not found: bdh bench needs a source checkout "
+                        "installed with `pip install -e .`")
+    return subprocess.call([sys.executable, str(script), *args.bench_args], cwd=script.parent)
+
+
+# --------------------------------------------------------------------------------------------
 # the table and main
 
 @dataclasses.dataclass(frozen=True)
@@ -488,6 +524,8 @@ COMMANDS: dict[str, Command] = {
     "info": Command(cmd_info, add_info_args, "a checkpoint's config, parameter counts and training summary"),
     "compare": Command(cmd_compare, add_compare_args, "train BDH and a GPT of its size alike; table and curves"),
     "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),
+    "inspect": Command(cmd_inspect, add_inspect_args, "sparsity, synapses, concepts, neuron graph: a report"),
+    "bench": Command(cmd_bench, add_bench_args, "speed and memory benchmarks (JSON)"),
 }
 
 

@@ -71,6 +71,10 @@ def test_command_help(command, capsys):
                 assert " ".join(text.split()) in out, name
         for flag in ("--batch-size", "--resume", "--overwrite", "--config", "--stream", "--model {bdh,gpt}"):
             assert flag in out
+    elif command in ("compare", "sweep"):
+        assert "--out" in out
+    elif command == "bench":
+        assert "train_step" in out and "sparse_decode" in out
     else:
         assert "--ckpt" in out
 
@@ -230,3 +234,8 @@ def test_generate_from_a_bare_saved_model(tmp_path, capsys):
     assert "no trainer_state.json" in capsys.readouterr().out
     assert main(["eval", "--ckpt", str(tmp_path / "model")]) == 2
     assert "--data" in _one_line_error(capsys)
+
+
+def test_bench_rejects_an_unknown_benchmark(capsys):
+    assert main(["bench", "nope"]) == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from bdh.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_tensors, model_classes, read_json, write_json
+from bdh.data.batches import eval_batches
 from bdh.errors import UserError
 from bdh.generate import generate
 from bdh.train import checkpoint as ckpt_io
@@ -515,7 +516,19 @@ class Trainer:
         record = {"step": p.step, "tokens": p.tokens_seen, **train, "elapsed_s": round(self.elapsed(), 3)}
         if val is not None:
             record.update(val_loss=val.loss, val_bpb=val.bpb, val_ppl=val.ppl)
+            record.update(self.sparsity())
         ckpt_io.append_jsonl(self.run.out_dir / METRICS_FILE, record)
+
+    def sparsity(self) -> dict[str, float]:
+        """Fraction of non-zero x and y on one validation batch (BDH only), to plot its evolution."""
+        model = distributed.unwrap(self.run.model)
+        if getattr(model, "model_type", "bdh") != "bdh":
+            return {}
+        from bdh.interp.sparsity import sparsity_probe
+
+        x, _ = next(iter(eval_batches(self.run.tokens.val, self.cfg.batch_size, self.cfg.block_size, 1,
+                                      device=self.run.device)))
+        return sparsity_probe(model, x)
 
     # checkpoints
     def save(self) -> Path | None:

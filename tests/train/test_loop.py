@@ -51,6 +51,8 @@ def test_train_run_writes_metrics_checkpoint_and_sample(tmp_path, text_file, cap
     assert [r["step"] for r in evals] == [2, 4]
     # bytes tokenizer: one token per byte, so bits per byte = nats / ln 2
     assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
+    # the sparsity of x and y is logged with every validation, so its evolution can be plotted
+    assert all(0 < r["y_nonzero"] <= r["x_nonzero"] <= 1 for r in evals)
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["train"]["max_iters"] == 4 and saved["model"]["n_embd"] == 32
     assert (run / "latest").read_text().strip() == "checkpoints/step-0000004"
