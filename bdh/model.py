@@ -9,7 +9,6 @@ Parameter names follow the authors' state_dict (so their checkpoints load as the
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,9 +20,9 @@ from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
 from bdh.ops.recurrent import active_pairs, recurrent_step, sparse_step_inplace
 from bdh.outputs import ModelOutput
+from bdh.precision import autocast_for
 from bdh.state import BDHState
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REFERENCE_KEYS = ("encoder", "encoder_v", "decoder", "embed.weight", "lm_head", "attn.freqs")
 
 
@@ -76,7 +75,7 @@ class BDH(nn.Module):
         B, T = idx.shape
         self._check_state(state, B)
         decoding = inplace_state and T == 1 and state is not None and not torch.is_grad_enabled()
-        with self._autocast(idx.device):
+        with autocast_for(self.config.compute_dtype, idx.device):
             logits, rho = self._decode_step(idx, state) if decoding else self._layers(idx, state, return_state)
         loss = None
         if targets is not None:
@@ -187,14 +186,6 @@ class BDH(nn.Module):
 
     def _ln(self, x):
         return F.layer_norm(x, x.shape[-1:], eps=1e-5) if self.config.layernorm else x
-
-    def _autocast(self, device: torch.device):
-        dtype = DTYPES[self.config.compute_dtype]
-        if dtype == torch.float32:
-            return nullcontext()
-        if dtype == torch.float16 and device.type == "cpu":
-            raise UserError("compute_dtype float16 needs a CUDA device; on the CPU use bfloat16 or float32")
-        return torch.autocast(device_type=device.type, dtype=dtype)
 
     def _check_state(self, state: BDHState | None, batch_size: int) -> None:
         if state is None:

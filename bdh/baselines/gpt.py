@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,9 @@ from torch import nn
 
 from bdh.errors import UserError
 from bdh.outputs import ModelOutput
+from bdh.precision import COMPUTE_DTYPES, autocast_for
 
 POS_ENCODINGS = ("learned", "alibi")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -345,7 +344,7 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         self._check_state(state, B)
-        with self._autocast(idx.device):
+        with autocast_for(self.config.compute_dtype, idx.device):
             logits, kv = self._layers(idx, state, return_state)
         loss = None
         if targets is not None:
@@ -406,14 +405,6 @@ class GPT(nn.Module):
             present = torch.cat([state.filled(), torch.ones(state.batch_size, T, dtype=torch.bool, device=device)], dim=1)
             mask = mask.masked_fill(~present[:, None, None, :], float("-inf"))  # B, 1|nh, T, S+T
         return mask
-
-    def _autocast(self, device: torch.device):
-        dtype = COMPUTE_DTYPES[self.config.compute_dtype]
-        if dtype == torch.float32:
-            return nullcontext()
-        if dtype == torch.float16 and device.type == "cpu":
-            raise UserError("compute_dtype float16 needs a CUDA device; on the CPU use bfloat16 or float32")
-        return torch.autocast(device_type=device.type, dtype=dtype)
 
     def _check_state(self, state: KVCache | None, batch_size: int) -> None:
         if state is None:

@@ -11,10 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from bdh.errors import UserError
+from bdh.fileio import atomic_write_bytes, sha256_file  # noqa: F401  (re-exported for bdh.data)
 
 #: environment variable that moves the cache (e.g. to a shared or larger disk)
 CACHE_ENV = "BDH_CACHE"
@@ -38,31 +38,9 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
     return root
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of a bytes object."""
     return hashlib.sha256(data).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:

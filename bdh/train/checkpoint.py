@@ -16,7 +16,6 @@ checkpoint whole and `latest` pointing at a complete one. Nothing is pickled.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import random
 import re
@@ -32,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from bdh.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_directory, atomic_write_bytes, load_tensors, read_json,
                             resolve_checkpoint, save_tensors, write_json, write_model)
 from bdh.errors import UserError
+from bdh.fileio import sha256_file
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -158,14 +158,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, param_names: list[str], pat
 
 
 # whole checkpoints ---------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def save_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, param_names: list[str],
                     trainer_state: dict[str, Any], stream_state: dict[str, torch.Tensor] | None = None) -> Path:
