@@ -161,7 +161,7 @@ def _load_yaml(text: str) -> Any:
 # paper-25m: the authors' reference defaults (25.3 M parameters).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=16, dropout=0.0),
-    "small": dict(n_layer=4, n_embd=128, n_head=4, mlp_internal_dim_multiplier=32, dropout=0.0),
+    "small": dict(n_layer=3, n_embd=192, n_head=4, mlp_internal_dim_multiplier=16, dropout=0.0),
     "paper-25m": dict(n_layer=6, n_embd=256, n_head=4, mlp_internal_dim_multiplier=128, dropout=0.1),
 }
 PRESET_NAMES = tuple(PRESETS)

@@ -88,28 +88,39 @@ class BDH(nn.Module):
 
     def _layers(self, idx, state, return_state):
         c = self.config
-        nh, N, D = c.n_head, c.neurons_per_head, c.n_embd
         T = idx.shape[1]
         attn = self._attention(T, state is not None, return_state)
         rotors = self._rope(idx, state)  # 1|B, nh, T, N/2 complex
-        E = self.decoder.view(nh, N, D)
         v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, T, D
         x = None
         rho = []
         for layer in range(c.n_layer):
-            x_new = F.relu(torch.einsum("btd,hdn->bhtn", v.squeeze(1), self.encoder))  # B, nh, T, N
-            x = x_new if (x is None or c.layout == "reference") else x + x_new
-            x = self.hook_x(x)
+            x = self._neurons(v, x)  # B, nh, T, N
             q = apply_rope_complex(x, rotors)  # B, nh, T, N ; keys == queries
             k, values = (q.detach(), v.detach()) if c.detach_kv else (q, v)
             a, rho_l = attn(q, k, values, None if state is None else state.rho[layer], self.decay, return_state)
-            a = self.hook_a(a)  # B, nh, T, D
-            y_pre = torch.einsum("bhtd,hdn->bhtn", self._ln(a), self.encoder_v)  # B, nh, T, N
-            y = self.drop(self.hook_y(F.relu(y_pre) * x))  # non-zero only where x is
-            z = torch.einsum("bhtn,hnd->btd", y, E).unsqueeze(1)  # B, 1, T, D
-            v = self._ln(v + self._ln(z))  # B, 1, T, D
+            v = self._ln(v + self._ln(self._read_out(a, x)))  # B, 1, T, D
             rho.append(rho_l)
         return v.squeeze(1) @ self.lm_head, rho  # B, T, V
+
+    def _neurons(self, v, x_prev):
+        """x = relu(v D_x): (B, 1, T, D) -> (B, nh, T, N); accumulated over layers in the eq8 layout."""
+        x = F.relu(torch.einsum("btd,hdn->bhtn", v.squeeze(1), self.encoder))
+        if x_prev is not None and self.config.layout == "eq8":
+            x = x_prev + x
+        return self.hook_x(x)
+
+    def _read_out(self, a, x):
+        """The layer's output in d-space: y = relu(LN(a) D_y) * x (non-zero only where x is), z = y E.
+
+        a: (B, nh, T, D) attention read-out, x: (B, nh, T, N) -> z (B, 1, T, D).
+        """
+        c = self.config
+        a = self.hook_a(a)
+        y = F.relu(torch.einsum("bhtd,hdn->bhtn", self._ln(a), self.encoder_v)) * x  # B, nh, T, N
+        y = self.drop(self.hook_y(y))
+        E = self.decoder.view(c.n_head, c.neurons_per_head, c.n_embd)
+        return torch.einsum("bhtn,hnd->btd", y, E).unsqueeze(1)
 
     def _decode_step(self, idx, state):
         """One token per sequence, the state updated in place; sparse-aware per layer.
@@ -118,24 +129,18 @@ class BDH(nn.Module):
         state rows, D_y columns and E rows of active neurons are read or written: exact, and
         O(k D) instead of O(N D) per head for k active neurons. x itself is always dense.
         """
-        c = self.config
-        nh, N, D = c.n_head, c.neurons_per_head, c.n_embd
         rotors = self._rope(idx, state)  # 1|B, nh, 1, N/2
         v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, 1, D
         x = None
-        for layer in range(c.n_layer):
-            x_new = F.relu(torch.einsum("btd,hdn->bhtn", v.squeeze(1), self.encoder))  # B, nh, 1, N
-            x = x_new if (x is None or c.layout == "reference") else x + x_new
-            x = self.hook_x(x)
+        for layer in range(self.config.n_layer):
+            x = self._neurons(v, x)  # B, nh, 1, N
             q = apply_rope_complex(x, rotors)  # B, nh, 1, N
             rho = state.rho[layer]
             if self._sparse_enough(x):
                 z = self._sparse_layer(x, q, v, rho)
             else:
                 a, _ = recurrent_step(q[:, :, 0], q[:, :, 0], v[:, :, 0], rho, self.decay, inplace=True)
-                a = self.hook_a(a.unsqueeze(2))  # B, nh, 1, D
-                y = self.drop(self.hook_y(F.relu(torch.einsum("bhtd,hdn->bhtn", self._ln(a), self.encoder_v)) * x))
-                z = torch.einsum("bhtn,hnd->btd", y, self.decoder.view(nh, N, D)).unsqueeze(1)  # B, 1, 1, D
+                z = self._read_out(a.unsqueeze(2), x)  # B, 1, 1, D
             v = self._ln(v + self._ln(z))
         return v.squeeze(1) @ self.lm_head, state.rho
 

@@ -121,7 +121,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 # gpt2: the 124M GPT-2 shape (pass vocab_size for a BPE tokenizer).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_embd=32, n_head=2, block_size=64),
-    "small": dict(n_layer=5, n_embd=160, n_head=5, block_size=512),
+    "small": dict(n_layer=4, n_embd=192, n_head=4, block_size=512),
     "paper-25m": dict(n_layer=8, n_embd=512, n_head=8, block_size=512, dropout=0.1),
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024),
 }

@@ -44,7 +44,7 @@ class TrainConfig:
     """sequences per micro-batch, per process"""
     block_size: int = 128
     """tokens per sequence (the truncated-BPTT window in stream mode)"""
-    max_iters: int = 3000
+    max_iters: int = 1500
     """optimizer steps to train for (the run stops at max_iters or max_minutes, whichever first)"""
     max_minutes: float | None = None
     """wall-clock budget of this invocation in minutes (default: none)"""
