@@ -56,7 +56,7 @@ class BDHConfig:
     compute_dtype: str = "float32"
     # generation reads/writes only active neurons' state rows when the fraction of active
     # RoPE pairs is below this (0 = always dense, 1 = always sparse); exact either way
-    sparse_decode_below: float = 0.25
+    sparse_decode_below: float = 0.1
 
     def __post_init__(self) -> None:
         self._validate()

@@ -97,6 +97,8 @@ def test_pick_attention_by_shape():
     assert pick_attention(1, 4096, 128, 128, True, True) == "recurrent"
     assert pick_attention(64, 4096, 128, 128, False, False) == "naive"
     assert pick_attention(4096, 4096, 128, 128, False, False) == "chunked"
+    assert pick_attention(2048, 768, 192, 128, False, False) == "chunked"  # small: measured faster
+    assert pick_attention(2048, 8192, 256, 128, False, False) == "naive"  # paper-25m: measured slower
 
 
 def test_unknown_form():

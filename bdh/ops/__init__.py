@@ -29,14 +29,17 @@ def get_attention(name: str, chunk_size: int = 128):
 
 
 def pick_attention(T: int, N: int, D: int, chunk_size: int, has_state: bool, wants_state: bool) -> str:
-    """The cheapest exact form for this shape, by multiply-adds per token and head.
+    """The cheapest exact form for this shape, by a cost per token and head.
 
-    quadratic: T (N + D) for scores and weighted sum, + N D to read an incoming state and
-    N D to build the outgoing one; chunked: C (N + D) within a chunk + 2 N D per token for the
-    state carried between chunks. One token: the recurrent step.
+    quadratic: T (N + D) multiply-adds for scores and weighted sum, + N D to read an incoming
+    state and N D to build the outgoing one; chunked: C (N + D) within a chunk + 2 N D for the
+    state carried between chunks, weighted 4x because those (nc, N, D) state tensors are read
+    and written several times per training step at memory speed, not matmul speed. The weight
+    is calibrated on benchmarks/train_step.py (2-core CPU): chunked won at T = 2048 for `small`
+    (N = 768, D = 192) and lost for `paper-25m` (N = 8192, D = 256). One token: recurrent.
     """
     if T == 1:
         return "recurrent"
     naive_cost = T * (N + D) + N * D * (int(has_state) + int(wants_state))
-    chunked_cost = min(chunk_size, T) * (N + D) + 2 * N * D
+    chunked_cost = min(chunk_size, T) * (N + D) + 8 * N * D
     return "chunked" if chunked_cost < naive_cost else "naive"

@@ -39,24 +39,39 @@ def chunked_attention(q, k, v, initial_state=None, decay=None, output_final_stat
     B, nh = q.shape[:2]
     N, D = q.shape[-1], v.shape[-1]
     s0 = initial_state if initial_state is not None else q.new_zeros(B, nh, N, D, dtype=state_dtype(q))
-    lam = decay if decay is not None else torch.ones(nh, device=q.device)
-    o, state = ChunkedAttention.apply(q[:, :, :full], k[:, :, :full], v[:, :, :full], s0, lam, C)
+    o, state = ChunkedAttention.apply(q[:, :, :full], k[:, :, :full], v[:, :, :full], s0, decay, C)
     if full == T:
         return o, (state if output_final_state else None)
     o_tail, state = naive_attention(q[:, :, full:], k[:, :, full:], v[:, :, full:], state, decay, output_final_state)
     return torch.cat([o, o_tail], dim=2), state  # B, nh, T, D
 
 
-def _weights(lam, C, dtype):
-    """M (nh, C, C), lambda^i (nh, C, 1) for reads, lambda^(C - j) (nh, C, 1) for writes, lambda^C (nh, 1, 1)."""
-    steps = torch.arange(C, device=lam.device)
-    lags = (steps[:, None] - steps[None, :]).clamp(min=0)
-    mask = torch.ones(C, C, device=lam.device).tril(diagonal=-1)
-    M = (decay_powers(lam, lags) * mask).to(dtype)
-    read = decay_powers(lam, steps).to(dtype).unsqueeze(-1)
-    write = decay_powers(lam, C - steps).to(dtype).unsqueeze(-1)
-    whole = decay_powers(lam, torch.tensor(C, device=lam.device)).view(-1, 1, 1)
-    return M, read, write, whole
+class _Weights:
+    """Decay factors of one chunk, or None each when nothing decays (then no pass is spent on them).
+
+    M (nh, C, C) = lambda^(i - j) below the diagonal, read (nh, C, 1) = lambda^i,
+    write (nh, C, 1) = lambda^(C - j), whole (nh, 1, 1) = lambda^C.
+    """
+
+    def __init__(self, lam, C, dtype):
+        self.M = self.read = self.write = self.whole = None
+        if lam is None:
+            return
+        steps = torch.arange(C, device=lam.device)
+        lags = (steps[:, None] - steps[None, :]).clamp(min=0)
+        self.M = (decay_powers(lam, lags) * torch.ones(C, C, device=lam.device).tril(diagonal=-1)).to(dtype)
+        self.read = decay_powers(lam, steps).to(dtype).unsqueeze(-1)
+        self.write = decay_powers(lam, C - steps).to(dtype).unsqueeze(-1)
+        self.whole = decay_powers(lam, torch.tensor(C, device=lam.device)).view(-1, 1, 1)
+
+    def mask(self, scores):
+        """Causal (strictly lower) and decayed scores, in place: (B, nh, nc, C, C)."""
+        return scores.tril_(diagonal=-1) if self.M is None else scores.mul_(self.M[:, None])
+
+    @staticmethod
+    def scale(x, w):
+        """x (B, nh, nc, C, X) times per-head, per-position factors w (nh, C, 1), if any."""
+        return x if w is None else x * w[:, None]
 
 
 def _chunks(x, C):
@@ -72,12 +87,12 @@ class ChunkedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, s0, lam, C):
         B, nh, T, N = q.shape
         qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)  # B, nh|1, nc, C, N|D
-        M, read, write, whole = _weights(lam, C, q.dtype)
-        A = (qc @ kc.transpose(-1, -2)) * M[:, None]  # B, nh, nc, C, C
+        w = _Weights(lam, C, q.dtype)
+        A = w.mask(qc @ kc.transpose(-1, -2))  # B, nh, nc, C, C
         o = A @ vc  # B, nh, nc, C, D
-        writes = ((kc * write[:, None]).transpose(-1, -2) @ vc).to(s0.dtype)  # B, nh, nc, N, D
-        entering, final = _scan(writes, s0, whole.to(s0.dtype))
-        o = o + (qc @ entering.to(q.dtype)) * read[:, None]
+        writes = (w.scale(kc, w.write).transpose(-1, -2) @ vc).to(s0.dtype)  # B, nh, nc, N, D
+        entering, final = _scan(writes, s0, w.whole)
+        o = o + w.scale(qc @ entering.to(q.dtype), w.read)
         ctx.save_for_backward(q, k, v, entering, lam)
         ctx.C = C
         return o.reshape(B, nh, T, -1), final
@@ -89,19 +104,19 @@ class ChunkedAttention(torch.autograd.Function):
         B, nh, T, N = q.shape
         qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
         doc = _chunks(d_o.to(q.dtype), C)  # B, nh, nc, C, D
-        M, read, write, whole = _weights(lam, C, q.dtype)
+        w = _Weights(lam, C, q.dtype)
         if d_final is None:
             d_final = torch.zeros_like(entering[:, :, 0])
         # G_{c+1} for every chunk: the gradient reaching the state after chunk c
-        reads = ((qc * read[:, None]).transpose(-1, -2) @ doc).to(entering.dtype)  # B, nh, nc, N, D
-        after = _reverse_scan(reads, d_final.to(entering.dtype), whole.to(entering.dtype))  # G_1 .. G_nc
-        g0 = after[:, :, 0] * whole + reads[:, :, 0]
+        reads = (w.scale(qc, w.read).transpose(-1, -2) @ doc).to(entering.dtype)  # B, nh, nc, N, D
+        after = _reverse_scan(reads, d_final.to(entering.dtype), w.whole)  # G_1 .. G_nc
+        g0 = reads[:, :, 0] + (after[:, :, 0] if w.whole is None else after[:, :, 0] * w.whole)
         after = after.to(q.dtype)
-        dA = (doc @ vc.transpose(-1, -2)) * M[:, None]  # B, nh, nc, C, C
-        A = (qc @ kc.transpose(-1, -2)) * M[:, None]
-        dq = dA @ kc + (doc * read[:, None]) @ entering.to(q.dtype).transpose(-1, -2)
-        dk = dA.transpose(-1, -2) @ qc + (vc * write[:, None]) @ after.transpose(-1, -2)
-        dv = A.transpose(-1, -2) @ doc + (kc * write[:, None]) @ after  # B, nh, nc, C, D
+        dA = w.mask(doc @ vc.transpose(-1, -2))  # B, nh, nc, C, C
+        A = w.mask(qc @ kc.transpose(-1, -2))
+        dq = dA @ kc + w.scale(doc, w.read) @ entering.to(q.dtype).transpose(-1, -2)
+        dk = dA.transpose(-1, -2) @ qc + w.scale(vc, w.write) @ after.transpose(-1, -2)
+        dv = A.transpose(-1, -2) @ doc + w.scale(kc, w.write) @ after  # B, nh, nc, C, D
         if v.shape[1] == 1 and nh > 1:
             dv = dv.sum(dim=1, keepdim=True)  # values were shared by every head
         shape = lambda t: t.reshape(t.shape[0], t.shape[1], T, -1)  # noqa: E731
@@ -110,12 +125,11 @@ class ChunkedAttention(torch.autograd.Function):
 
 def _scan(writes, s0, whole):
     """States entering each chunk (B, nh, nc, N, D) and the state after the last."""
-    nc = writes.shape[2]
-    if bool((whole == 1).all()):
+    if whole is None:
         totals = writes.cumsum(dim=2) + s0.unsqueeze(2)  # state after each chunk
         return torch.cat([s0.unsqueeze(2), totals[:, :, :-1]], dim=2), totals[:, :, -1]
     state, entering = s0, []
-    for c in range(nc):
+    for c in range(writes.shape[2]):
         entering.append(state)
         state = state * whole + writes[:, :, c]
     return torch.stack(entering, dim=2), state
@@ -124,10 +138,9 @@ def _scan(writes, s0, whole):
 def _reverse_scan(reads, g_final, whole):
     """G_{c+1} for c = 0..nc-1, where G_nc = g_final and G_c = lambda^C G_{c+1} + reads_c."""
     nc = reads.shape[2]
-    if bool((whole == 1).all()):
-        later = reads.flip(2).cumsum(dim=2).flip(2)  # sum over c' >= c
-        tail = torch.cat([later[:, :, 1:], torch.zeros_like(later[:, :, :1])], dim=2)  # sum over c' > c
-        return tail + g_final.unsqueeze(2)
+    if whole is None:
+        # sum over c' > c = total - inclusive prefix sum
+        return (g_final + reads.sum(dim=2)).unsqueeze(2) - reads.cumsum(dim=2)
     g, after = g_final, [None] * nc
     for c in range(nc - 1, -1, -1):
         after[c] = g
