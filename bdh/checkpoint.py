@@ -82,6 +82,21 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_named_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy tensors into model by name, with an error naming any unexpected, misshapen or missing one."""
+    expected = model.state_dict()
+    for key, value in tensors.items():
+        if key not in expected:
+            raise UserError(f"{source}: unexpected tensor {key!r}")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise UserError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, "
+                            f"the model expects {tuple(expected[key].shape)}")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise UserError(f"{source}: missing tensor(s) {', '.join(missing)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+
+
 # model registry: model_type in config.json -> (config class, model class)
 def model_classes(model_type: str):
     if model_type == "bdh":

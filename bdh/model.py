@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdh.checkpoint import load_named_tensors
 from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
@@ -233,19 +234,9 @@ class BDH(nn.Module):
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Copy tensors in by name, with an error naming any missing, extra or misshapen key."""
-        expected = self.state_dict()
-        for key, value in tensors.items():
-            if key not in expected:
-                raise UserError(f"{source}: unexpected tensor {key!r}")
-            if tuple(value.shape) != tuple(expected[key].shape):
-                raise UserError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, "
-                                f"the model expects {tuple(expected[key].shape)}")
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise UserError(f"{source}: missing tensor(s) {', '.join(missing)}")
-        if not pairs_share_frequencies(tensors["freqs"]):
+        if "freqs" in tensors and not pairs_share_frequencies(tensors["freqs"]):
             raise UserError(f"{source}: RoPE frequencies of neurons 2i and 2i+1 differ; the rotation needs pairs")
-        self.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+        load_named_tensors(self, tensors, source)
 
 
 def _load_pt(path: Path) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdh.checkpoint import load_named_tensors
 from bdh.errors import UserError
 from bdh.outputs import ModelOutput
 from bdh.precision import COMPUTE_DTYPES, autocast_for
@@ -428,14 +429,4 @@ class GPT(nn.Module):
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Copy tensors in by name, with an error naming any missing, extra or misshapen key."""
-        expected = self.state_dict()
-        for key, value in tensors.items():
-            if key not in expected:
-                raise UserError(f"{source}: unexpected tensor {key!r}")
-            if tuple(value.shape) != tuple(expected[key].shape):
-                raise UserError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, "
-                                f"the model expects {tuple(expected[key].shape)}")
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise UserError(f"{source}: missing tensor(s) {', '.join(missing)}")
-        self.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+        load_named_tensors(self, tensors, source)
