@@ -35,8 +35,8 @@ def pick_attention(T: int, N: int, D: int, chunk_size: int, has_state: bool, wan
     state and N D to build the outgoing one; chunked: C (N + D) within a chunk + 2 N D for the
     state carried between chunks, weighted 4x because those (nc, N, D) state tensors are read
     and written several times per training step at memory speed, not matmul speed. The weight
-    is calibrated on benchmarks/train_step.py (2-core CPU): chunked won at T = 2048 for `small`
-    (N = 768, D = 192) and lost for `paper-25m` (N = 8192, D = 256). One token: recurrent.
+    is calibrated on benchmarks/train_step.py (2-core CPU, C = 256): see benchmarks/README.md.
+    One token: recurrent.
     """
     if T == 1:
         return "recurrent"
