@@ -106,7 +106,7 @@ class BDH(nn.Module):
 
     def _neurons(self, v, x_prev):
         """x = relu(v D_x): (B, 1, T, D) -> (B, nh, T, N); accumulated over layers in the eq8 layout."""
-        x = F.relu(torch.einsum("btd,hdn->bhtn", v.squeeze(1), self.encoder))
+        x = F.relu(head_product(v, self.encoder))
         if x_prev is not None and self.config.layout == "eq8":
             x = x_prev + x
         return self.hook_x(x)
@@ -118,10 +118,12 @@ class BDH(nn.Module):
         """
         c = self.config
         a = self.hook_a(a)
-        y = F.relu(torch.einsum("bhtd,hdn->bhtn", self._ln(a), self.encoder_v)) * x  # B, nh, T, N
+        y = F.relu(head_product(self._ln(a), self.encoder_v)) * x  # B, nh, T, N
         y = self.drop(self.hook_y(y))
         E = self.decoder.view(c.n_head, c.neurons_per_head, c.n_embd)
-        return torch.einsum("bhtn,hnd->btd", y, E).unsqueeze(1)
+        if few_tokens(y):
+            return head_product(y, E).sum(dim=1, keepdim=True)  # B, 1, T, D
+        return torch.einsum("bhtn,hnd->btd", y, E).unsqueeze(1)  # heads summed inside the contraction
 
     def _decode_step(self, idx, state):
         """One token per sequence, the state updated in place; sparse-aware per layer.
@@ -237,6 +239,28 @@ class BDH(nn.Module):
         if "freqs" in tensors and not pairs_share_frequencies(tensors["freqs"]):
             raise UserError(f"{source}: RoPE frequencies of neurons 2i and 2i+1 differ; the rotation needs pairs")
         load_named_tensors(self, tensors, source)
+
+
+def few_tokens(x: torch.Tensor) -> bool:
+    """Decoding-sized input (B x T <= 64 tokens): take the weight-reading matmul path."""
+    return x.shape[0] * x.shape[2] <= 64
+
+
+def head_product(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Per-head x @ W: x (B, 1 | nh, T, K) with W (nh, K, M) -> (B, nh, T, M).
+
+    For a few tokens (decoding) the heads go in the batch of one matmul that reads W in place;
+    einsum would first copy the whole weight into its preferred layout (150 us against 18 us per
+    call at `small` size). For many tokens (training) einsum's layout is the faster one (37 ms
+    against 72 ms forward and backward for B x T = 2048).
+    """
+    B, h, T, K = x.shape
+    if few_tokens(x):
+        rows = x.transpose(0, 1).reshape(h, B * T, K)  # 1|nh, B*T, K (a small copy)
+        return torch.matmul(rows, W).view(W.shape[0], B, T, -1).transpose(0, 1)
+    if h == 1:
+        return torch.einsum("btk,hkm->bhtm", x[:, 0], W)
+    return torch.einsum("bhtk,hkm->bhtm", x, W)
 
 
 def _load_pt(path: Path) -> dict[str, torch.Tensor]:
