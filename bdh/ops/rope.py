@@ -25,10 +25,12 @@ def rope_tables(positions: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype
     positions: (P, T) int64 absolute positions (P = 1 or B); freqs: (nh, N).
     Returns cos, sin of shape (P, nh, T, N). The product t * f is formed in float64 and reduced
     mod 1 before the cast, so the phase error stays ~1e-7 rad even at t = 1e7 (float32 would
-    drift by ~0.05 rad at t = 1e6).
+    drift by ~0.05 rad at t = 1e6). cos and sin are taken in float64 too: torch 2.13's float32
+    cos on this AVX-512 CPU was off by up to 1.5e-4 in about one process in five, which made
+    tests/test_model.py::test_logits_equal_reference_code fail at random.
     """
     cycles = positions.to(torch.float64)[:, None, :, None] * freqs.to(torch.float64)[None, :, None, :]
-    phase = (torch.frac(cycles) * (2 * math.pi)).to(torch.float32)  # P, nh, T, N
+    phase = torch.frac(cycles) * (2 * math.pi)  # P, nh, T, N, float64
     return torch.cos(phase).to(dtype), torch.sin(phase).to(dtype)
 
 
