@@ -20,7 +20,7 @@ from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
 from bdh.ops.recurrent import active_pairs, recurrent_step, sparse_step_inplace
-from bdh.outputs import ModelOutput
+from bdh.outputs import ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
 from bdh.state import BDHState
 
@@ -78,14 +78,8 @@ class BDH(nn.Module):
         decoding = inplace_state and T == 1 and state is not None and not torch.is_grad_enabled()
         with autocast_for(self.config.compute_dtype, idx.device):
             logits, rho = self._decode_step(idx, state) if decoding else self._layers(idx, state, return_state)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1)
-        new_state = None
-        if return_state:
-            start = state.pos if state is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
-            new_state = BDHState(rho=rho, pos=start + T)
-        return ModelOutput(logits=logits.float(), loss=loss, state=new_state)
+        new_state = BDHState(rho=rho, pos=next_positions(state, B, T, idx.device)) if return_state else None
+        return ModelOutput(logits=logits.float(), loss=next_token_loss(logits, targets), state=new_state)
 
     def _layers(self, idx, state, return_state):
         c = self.config

@@ -48,11 +48,6 @@ class BDHState:
         rho = [torch.cat(layer, dim=0) for layer in zip(*(s.rho for s in states))]
         return cls(rho=rho, pos=torch.cat([s.pos for s in states]))
 
-    def reset_rows(self, mask: torch.Tensor) -> "BDHState":
-        """Zero the state of the rows where mask (B,) is True (a sequence starts over)."""
-        keep = (~mask).to(self.rho[0].dtype).view(-1, 1, 1, 1)
-        return BDHState([r * keep for r in self.rho], torch.where(mask, 0, self.pos))
-
     # persistence: plain tensors in safetensors, nothing is unpickled
     def state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {f"rho.{i}": r.detach().contiguous() for i, r in enumerate(self.rho)}

@@ -26,7 +26,7 @@ from torch import nn
 
 from bdh.checkpoint import load_named_tensors
 from bdh.errors import UserError
-from bdh.outputs import ModelOutput
+from bdh.outputs import ModelOutput, next_positions, next_token_loss
 from bdh.precision import COMPUTE_DTYPES, autocast_for
 
 POS_ENCODINGS = ("learned", "alibi")
@@ -347,14 +347,10 @@ class GPT(nn.Module):
         self._check_state(state, B)
         with autocast_for(self.config.compute_dtype, idx.device):
             logits, kv = self._layers(idx, state, return_state)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1)
         new_state = None
         if return_state:
-            start = state.pos if state is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
-            new_state = KVCache([k for k, _ in kv], [v for _, v in kv], start + T)
-        return ModelOutput(logits=logits.float(), loss=loss, state=new_state)
+            new_state = KVCache([k for k, _ in kv], [v for _, v in kv], next_positions(state, B, T, idx.device))
+        return ModelOutput(logits=logits.float(), loss=next_token_loss(logits, targets), state=new_state)
 
     def _layers(self, idx, state, return_state):
         x = self.transformer.wte(idx)  # B, T, D
