@@ -19,6 +19,7 @@ from bdh.checkpoint import load_named_tensors
 from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
+from bdh.ops.layer import fused_layer, norm
 from bdh.ops.recurrent import active_pairs, recurrent_step, sparse_step_inplace
 from bdh.outputs import ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
@@ -84,19 +85,46 @@ class BDH(nn.Module):
     def _layers(self, idx, state, return_state):
         c = self.config
         T = idx.shape[1]
-        attn = self._attention(T, state is not None, return_state)
+        chunk = self._fused_chunk(T, state is not None, return_state)
+        attn = None if chunk else self._attention(T, state is not None, return_state)
         rotors = self._rope(idx, state)  # 1|B, nh, T, N/2 complex
         v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, T, D
         x = None
         rho = []
         for layer in range(c.n_layer):
-            x = self._neurons(v, x)  # B, nh, T, N
-            q = apply_rope_complex(x, rotors)  # B, nh, T, N ; keys == queries
-            k, values = (q.detach(), v.detach()) if c.detach_kv else (q, v)
-            a, rho_l = attn(q, k, values, None if state is None else state.rho[layer], self.decay, return_state)
-            v = self._ln(v + self._ln(self._read_out(a, x)))  # B, 1, T, D
+            s0 = None if state is None else state.rho[layer]
+            if chunk:
+                z, rho_l = fused_layer(v.squeeze(1), self.encoder, self.encoder_v, self._E(), rotors, s0, self.decay,
+                                       chunk, c.layernorm, self.drop.p if self.training else 0.0, return_state)
+                z = z.unsqueeze(1)  # B, 1, T, D
+            else:
+                x = self._neurons(v, x)  # B, nh, T, N
+                q = apply_rope_complex(x, rotors)  # B, nh, T, N ; keys == queries
+                k, values = (q.detach(), v.detach()) if c.detach_kv else (q, v)
+                a, rho_l = attn(q, k, values, s0, self.decay, return_state)
+                z = self._read_out(a, x)  # B, 1, T, D
+            v = self._ln(v + self._ln(z))  # B, 1, T, D
             rho.append(rho_l)
         return v.squeeze(1) @ self.lm_head, rho  # B, T, V
+
+    def _fused_chunk(self, T: int, has_state: bool, wants_state: bool) -> int | None:
+        """The chunk length for the fused layer (bdh.ops.layer), or None where it does not apply.
+
+        It serves attn_impl="auto" in the reference layout, float32, with no hooks to call
+        (bdh.interp captures through them) and when the chunk length divides T.
+        """
+        c = self.config
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.hook_x, self.hook_a, self.hook_y))
+        if c.attn_impl != "auto" or c.layout != "reference" or c.detach_kv or c.compute_dtype != "float32" or hooked:
+            return None
+        form = pick_attention(T, c.neurons_per_head, c.n_embd, c.chunk_size, has_state, wants_state)
+        if form == "naive":
+            return T  # one chunk: the quadratic form
+        return c.chunk_size if form == "chunked" and T % c.chunk_size == 0 else None
+
+    def _E(self):
+        c = self.config
+        return self.decoder.view(c.n_head, c.neurons_per_head, c.n_embd)  # nh, N, D
 
     def _neurons(self, v, x_prev):
         """x = relu(v D_x): (B, 1, T, D) -> (B, nh, T, N); accumulated over layers in the eq8 layout."""
@@ -110,11 +138,10 @@ class BDH(nn.Module):
 
         a: (B, nh, T, D) attention read-out, x: (B, nh, T, N) -> z (B, 1, T, D).
         """
-        c = self.config
         a = self.hook_a(a)
         y = F.relu(head_product(self._ln(a), self.encoder_v)) * x  # B, nh, T, N
-        y = self.drop(self.hook_y(y))
-        E = self.decoder.view(c.n_head, c.neurons_per_head, c.n_embd)
+        y = self.drop(self.hook_y(y.contiguous()))  # contiguous: dropout draws as the fused layer does
+        E = self._E()
         if few_tokens(y):
             return head_product(y, E).sum(dim=1, keepdim=True)  # B, 1, T, D
         return torch.einsum("bhtn,hnd->btd", y, E).unsqueeze(1)  # heads summed inside the contraction
@@ -152,7 +179,7 @@ class BDH(nn.Module):
         c = self.config
         nh, N, D = c.n_head, c.neurons_per_head, c.n_embd
         B = x.shape[0]
-        E = self.decoder.view(nh, N, D)
+        E = self._E()
         active = [active_pairs(x[:, h, 0]) for h in range(nh)]  # nh x (k_h,)
         a = x.new_zeros(B, nh, 1, D)
         for h, idx in enumerate(active):
@@ -187,7 +214,7 @@ class BDH(nn.Module):
         return rope_rotors(positions, self.freqs)
 
     def _ln(self, x):
-        return F.layer_norm(x, x.shape[-1:], eps=1e-5) if self.config.layernorm else x
+        return norm(x) if self.config.layernorm else x
 
     def _check_state(self, state: BDHState | None, batch_size: int) -> None:
         if state is None:

@@ -4,7 +4,8 @@ Within a chunk of C tokens the quadratic form is exact and cheap; across chunks 
 (N x D per head) carries everything earlier. Per token and head: C (N + D) multiply-adds for the
 chunk, 2 N D for the state read and write, against T (N + D) for the quadratic form over the
 whole sequence. All full chunks are computed at once (batched matmuls); a ragged tail goes
-through the quadratic form.
+through the quadratic form. With one chunk (C = T) this is the quadratic form itself, with the
+backward pass below.
 
 For chunk c with rotated queries Q_c, keys K_c, values V_c, entering state S_c, and
 M = tril(ones, -1) * lambda^(i - j) (i, j positions inside the chunk):
@@ -12,7 +13,7 @@ M = tril(ones, -1) * lambda^(i - j) (i, j positions inside the chunk):
     O_c = A_c V_c + lambda^i Q_c S_c
     S_{c+1} = lambda^C S_c + (lambda^(C - j) K_c)^T V_c
 
-The backward pass is written out (ChunkedAttention) so that only q, k, v and the entering
+The backward pass is written out (attend_backward) so that only q, k, v and the entering
 states are kept: the C x C scores and per-chunk writes are recomputed, not stored. With
 G_c = dL/dS_c, running from G_nc = dL/dS_final backwards:
     G_c  = lambda^C G_{c+1} + (lambda^i Q_c)^T dO_c
@@ -20,6 +21,10 @@ G_c = dL/dS_c, running from G_nc = dL/dS_final backwards:
     dQ_c = dA_c K_c + lambda^i dO_c S_c^T
     dK_c = dA_c^T Q_c + lambda^(C - j) V_c G_{c+1}^T
     dV_c = A_c^T dO_c + lambda^(C - j) K_c G_{c+1}
+When keys are the queries (BDH), dQ + dK = (dA + dA^T) Q + ...: one matmul instead of two.
+
+attend/attend_backward work on plain tensors (no autograd) so that the fused training layer
+(bdh.ops.layer) can call them; ChunkedAttention wraps them for autograd.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def chunked_attention(q, k, v, initial_state=None, decay=None, output_final_stat
     return torch.cat([o, o_tail], dim=2), state  # B, nh, T, D
 
 
-class _Weights:
+class Weights:
     """Decay factors of one chunk, or None each when nothing decays (then no pass is spent on them).
 
     M (nh, C, C) = lambda^(i - j) below the diagonal, read (nh, C, 1) = lambda^i,
@@ -75,9 +80,87 @@ class _Weights:
 
 
 def _chunks(x, C):
-    """(B, h, T, X) -> (B, h, nc, C, X)."""
+    """(B, h, T, X) -> (B, h, nc, C, X), a view of a contiguous tensor."""
     B, h, T, X = x.shape
     return x.reshape(B, h, T // C, C, X)
+
+
+def _bmm(a, b, add_to=None, out=None):
+    """Batched matmul over all leading dims: (..., m, k) @ (..., k, n) -> (..., m, n).
+
+    The leading dims are folded into one batch as views (no copies, unlike matmul with
+    broadcast batch dims), so both operands must have the same leading shape. With add_to
+    (contiguous), the product is accumulated into it in place (baddbmm, no temporary); with
+    out (contiguous, of the product's size), it is written there.
+    """
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if add_to is not None:
+        add_to.view(-1, *add_to.shape[-2:]).baddbmm_(a3, b3)
+        return add_to
+    shape = (*a.shape[:-2], a.shape[-2], b.shape[-1])
+    if out is not None:
+        return torch.bmm(a3, b3, out=out.view(-1, *shape[-2:])).view(shape)
+    return torch.bmm(a3, b3).view(shape)
+
+
+def _scores(qc, kc, w):
+    """Masked chunk scores A_c = (Q_c K_c^T) * M: (B, nh, nc, C, C)."""
+    return w.mask(_bmm(qc, kc.transpose(-1, -2)))
+
+
+def attend(q, k, v, s0, w: Weights, C: int, need_states: bool):
+    """Forward of the chunked form over full chunks (T a multiple of C).
+
+    q, k: (B, nh, T, N); v: (B, nh, T, D) (heads already expanded); s0: (B, nh, N, D) or None.
+    Returns o (B, nh, T, D), the entering states (B, nh, nc, N, D) and the final state, both
+    None when there is one chunk, no incoming state and no state is needed.
+    """
+    B, nh, T, N = q.shape
+    D = v.shape[-1]
+    qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)  # B, nh, nc, C, N|D
+    o = _bmm(_scores(qc, kc, w), vc)  # B, nh, nc, C, D
+    if T == C and s0 is None and not need_states:
+        return o.view(B, nh, T, D), None, None
+    if s0 is None:
+        s0 = q.new_zeros(B, nh, N, D, dtype=state_dtype(q))
+    writes = _bmm(w.scale(kc, w.write).transpose(-1, -2), vc).to(s0.dtype)  # B, nh, nc, N, D
+    entering, final = _scan(writes, s0, w.whole)
+    if w.read is None:
+        _bmm(qc, entering.to(q.dtype), add_to=o)  # o += Q_c S_c
+    else:
+        o += w.scale(_bmm(qc, entering.to(q.dtype)), w.read)
+    return o.view(B, nh, T, D), entering, final
+
+
+def attend_backward(q, k, v, entering, w: Weights, C: int, d_o, d_final, shared_qk: bool, dq_out=None):
+    """Gradients of attend: dq, dk (None when shared_qk: then dq holds dq + dk), dv, d(s0).
+
+    entering is what attend returned (None: no state was involved); d_final may be None;
+    dq_out: a contiguous tensor like q to write dq into.
+    """
+    B, nh, T, N = q.shape
+    qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
+    doc = _chunks(d_o.to(q.dtype).contiguous(), C)  # B, nh, nc, C, D
+    dA = _scores(doc, vc, w)  # B, nh, nc, C, C
+    A = _scores(qc, kc, w)
+    dv = _bmm(A.transpose(-1, -2), doc)  # B, nh, nc, C, D
+    if shared_qk:
+        dq, dk = _bmm(dA.add_(dA.transpose(-1, -2).clone()), qc, out=dq_out), None
+    else:
+        dq, dk = _bmm(dA, kc, out=dq_out), _bmm(dA.transpose(-1, -2), qc)
+    d_s0 = None
+    if entering is not None:
+        if d_final is None:
+            d_final = torch.zeros_like(entering[:, :, 0])
+        reads = _bmm(w.scale(qc, w.read).transpose(-1, -2), doc).to(entering.dtype)  # B, nh, nc, N, D
+        after = _reverse_scan(reads, d_final.to(entering.dtype), w.whole)  # G_1 .. G_nc
+        d_s0 = reads[:, :, 0] + (after[:, :, 0] if w.whole is None else after[:, :, 0] * w.whole)
+        after = after.to(q.dtype)
+        _bmm(w.scale(doc, w.read), entering.to(q.dtype).transpose(-1, -2), add_to=dq)
+        _bmm(w.scale(vc, w.write), after.transpose(-1, -2), add_to=dq if shared_qk else dk)  # B, nh, nc, C, N
+        _bmm(w.scale(kc, w.write), after, add_to=dv)
+    unchunk = lambda t: None if t is None else t.view(B, nh, T, -1)  # noqa: E731
+    return unchunk(dq), unchunk(dk), unchunk(dv), d_s0
 
 
 class ChunkedAttention(torch.autograd.Function):
@@ -85,42 +168,23 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, s0, lam, C):
-        B, nh, T, N = q.shape
-        qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)  # B, nh|1, nc, C, N|D
-        w = _Weights(lam, C, q.dtype)
-        A = w.mask(qc @ kc.transpose(-1, -2))  # B, nh, nc, C, C
-        o = A @ vc  # B, nh, nc, C, D
-        writes = (w.scale(kc, w.write).transpose(-1, -2) @ vc).to(s0.dtype)  # B, nh, nc, N, D
-        entering, final = _scan(writes, s0, w.whole)
-        o = o + w.scale(qc @ entering.to(q.dtype), w.read)
-        ctx.save_for_backward(q, k, v, entering, lam)
-        ctx.C = C
-        return o.reshape(B, nh, T, -1), final
+        nh = q.shape[1]
+        v_heads = v.expand(-1, nh, -1, -1).contiguous()  # B, nh, T, D: foldable batches for bmm
+        w = Weights(lam, C, q.dtype)
+        o, entering, final = attend(q.contiguous(), k.contiguous(), v_heads, s0, w, C, need_states=True)
+        ctx.save_for_backward(q, k, v_heads, entering, lam)
+        ctx.C, ctx.v_heads = C, v.shape[1]
+        return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
-        q, k, v, entering, lam = ctx.saved_tensors
-        C = ctx.C
-        B, nh, T, N = q.shape
-        qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
-        doc = _chunks(d_o.to(q.dtype), C)  # B, nh, nc, C, D
-        w = _Weights(lam, C, q.dtype)
-        if d_final is None:
-            d_final = torch.zeros_like(entering[:, :, 0])
-        # G_{c+1} for every chunk: the gradient reaching the state after chunk c
-        reads = (w.scale(qc, w.read).transpose(-1, -2) @ doc).to(entering.dtype)  # B, nh, nc, N, D
-        after = _reverse_scan(reads, d_final.to(entering.dtype), w.whole)  # G_1 .. G_nc
-        g0 = reads[:, :, 0] + (after[:, :, 0] if w.whole is None else after[:, :, 0] * w.whole)
-        after = after.to(q.dtype)
-        dA = w.mask(doc @ vc.transpose(-1, -2))  # B, nh, nc, C, C
-        A = w.mask(qc @ kc.transpose(-1, -2))
-        dq = dA @ kc + w.scale(doc, w.read) @ entering.to(q.dtype).transpose(-1, -2)
-        dk = dA.transpose(-1, -2) @ qc + w.scale(vc, w.write) @ after.transpose(-1, -2)
-        dv = A.transpose(-1, -2) @ doc + w.scale(kc, w.write) @ after  # B, nh, nc, C, D
-        if v.shape[1] == 1 and nh > 1:
+        q, k, v_heads, entering, lam = ctx.saved_tensors
+        w = Weights(lam, ctx.C, q.dtype)
+        dq, dk, dv, d_s0 = attend_backward(q.contiguous(), k.contiguous(), v_heads, entering, w, ctx.C, d_o, d_final,
+                                           shared_qk=False)
+        if ctx.v_heads == 1 and q.shape[1] > 1:
             dv = dv.sum(dim=1, keepdim=True)  # values were shared by every head
-        shape = lambda t: t.reshape(t.shape[0], t.shape[1], T, -1)  # noqa: E731
-        return shape(dq), shape(dk), shape(dv), g0, None, None
+        return dq, dk, dv, d_s0, None, None
 
 
 def _scan(writes, s0, whole):

@@ -40,10 +40,16 @@ def rope_rotors(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.complex(cos, sin)
 
 
-def apply_rope_complex(x: torch.Tensor, rotors: torch.Tensor) -> torch.Tensor:
-    """apply_rope as one complex multiply per pair (a + ib)(cos + i sin): a third of the passes."""
+def apply_rope_complex(x: torch.Tensor, rotors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """apply_rope as one complex multiply per pair (a + ib)(cos + i sin): a third of the passes.
+
+    out: a contiguous tensor like x (float32/float64) to write into instead of a fresh one.
+    """
     real = x if x.dtype in (torch.float32, torch.float64) else x.float()
     pairs = torch.view_as_complex(real.unflatten(-1, (-1, 2)))  # B, nh, T, N/2
+    if out is not None:
+        torch.mul(pairs, rotors, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        return out
     return torch.view_as_real(pairs * rotors).flatten(-2).to(x.dtype)  # B, nh, T, N
 
 
@@ -61,3 +67,10 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x cos + rot(x) sin; x: (B, nh, T, N), cos/sin broadcastable to it."""
     return x * cos + rotate_pairs(x) * sin
+
+
+def unrotate_(d: torch.Tensor, rotors: torch.Tensor) -> torch.Tensor:
+    """The inverse rotation (the gradient of apply_rope_complex), in place: d (B, nh, T, N) contiguous."""
+    pairs = torch.view_as_complex(d.unflatten(-1, (-1, 2)))  # B, nh, T, N/2
+    pairs.mul_(rotors.conj().resolve_conj())  # the conjugate as a tensor: 3x faster than a lazy conj
+    return d

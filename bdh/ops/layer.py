@@ -1,0 +1,155 @@
+"""One BDH layer as a single autograd Function: the training fast path.
+
+The layer (bdh-spec.md section 2, reference layout), from its input v (B, T, D):
+    x = relu(v D_x)                       B, nh, T, N
+    q = RoPE(x)                           keys are the queries
+    a = attention(q, q, v)                B, nh, T, D   (chunked form, bdh.ops.chunked)
+    g = relu(LN(a) D_y),  y = g * x       B, nh, T, N   (dropout on y when training)
+    z = sum_h y_h E_h                     B, T, D       (the output; residual and LN stay outside)
+
+Written with autograd op by op (BDH._layers with attn_impl naive/chunked, the reference), every
+N-wide intermediate is a fresh tensor and most are kept for backward: about ten (B, nh, T, N)
+tensors per layer, each written through fresh pages. Here only x is kept (plus v, a and the
+chunk-entering states); q, g and y are recomputed in backward, which is written out below with
+in-place elementwise passes, and dq + dk costs one matmul because k = q:
+    dE   = y^T dz                 dy  = dz E^T (* dropout scale)
+    dg'  = dy * x * [g > 0]       dD_y = LN(a)^T dg'      da = LN'(dg' D_y^T)
+    dq   = attention backward(da)  (dq + dk, shared keys)
+    dx   = (dy * g + RoPE^-1(dq)) * [x > 0]
+    dD_x = v^T dx                 dv  = dx D_x^T + (attention's dv, summed over heads)
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from bdh.ops.chunked import Weights, attend, attend_backward
+from bdh.ops.rope import apply_rope_complex, unrotate_
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """BDH's LayerNorm: no affine parameters, over the last dim."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-5)
+
+
+def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, layernorm=True, dropout=0.0,
+                need_state=False):
+    """z (B, T, D) and the final state (B, nh, N, D) or None, as the op-by-op layer computes them.
+
+    v: (B, T, D); Dx, Dy: (nh, D, N); E: (nh, N, D); rotors: (1 | B, nh, T, N/2) complex;
+    s0: (B, nh, N, D) or None; decay: (nh,) or None; chunk_size must divide T (None: T, the
+    quadratic form); dropout: probability of dropping each y entry (0 when not training).
+    """
+    T = v.shape[1]
+    C = chunk_size or T
+    if T % C:
+        raise ValueError(f"fused_layer needs the chunk size ({C}) to divide the sequence length ({T})")
+    return FusedLayer.apply(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, dropout, need_state)
+
+
+class FusedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, Dx, Dy, E, rotors, s0, lam, C, layernorm, p, need_state):
+        B, T, D = v.shape
+        nh, _, N = Dx.shape
+        big = (B, nh, T, N)
+        x = per_head(v.unsqueeze(1), Dx).relu_()  # B, nh, T, N (kept for backward)
+        q = apply_rope_complex(x, rotors, out=SCRATCH.get(0, big, x))
+        v_heads = v.unsqueeze(1).expand(B, nh, T, D).contiguous()  # B, nh, T, D
+        w = Weights(lam, C, q.dtype)
+        a, entering, final = attend(q, q, v_heads, s0, w, C, need_state)  # B, nh, T, D
+        del q, v_heads
+        y = per_head(norm(a) if layernorm else a, Dy, out=SCRATCH.get(0, big, x)).relu_().mul_(x)
+        keep = None
+        if p > 0:
+            keep = torch.empty_like(y).bernoulli_(1 - p)  # drawn as F.dropout draws it
+            y.mul_(keep.div_(1 - p))
+            keep = keep != 0  # bool: a quarter of the memory
+        z = torch.matmul(y, E).sum(dim=1)  # B, T, D
+        ctx.save_for_backward(v, Dx, Dy, E, rotors, x, a, entering, keep, lam)
+        ctx.C, ctx.layernorm, ctx.p = C, layernorm, p
+        return z, final
+
+    @staticmethod
+    def backward(ctx, dz, d_final):
+        v, Dx, Dy, E, rotors, x, a, entering, keep, lam = ctx.saved_tensors
+        B, T, D = v.shape
+        nh = Dx.shape[0]
+        big = x.shape
+        scale = None if keep is None else keep.to(x.dtype).div_(1 - ctx.p)
+        a_hat, norm_backward = _norm_with_backward(a, ctx.layernorm)
+        g = per_head(a_hat, Dy, out=SCRATCH.get(0, big, x)).relu_()  # B, nh, T, N
+        y = torch.mul(g, x, out=SCRATCH.get(1, big, x))
+        if scale is not None:
+            y.mul_(scale)
+        dz_heads = dz.unsqueeze(1)  # B, 1, T, D
+        dE = torch.matmul(y.transpose(-1, -2), dz_heads).sum(dim=0)  # nh, N, D
+        dy = per_head(dz_heads, E.transpose(-1, -2), out=SCRATCH.get(2, big, x))  # B, nh, T, N
+        if scale is not None:
+            dy.mul_(scale)
+        dg = relu_backward_(torch.mul(dy, x, out=y), g)  # into y's memory
+        dx = dy.mul_(g)  # the gating's share of dx, into dy's memory
+        dDy = torch.matmul(a_hat.transpose(-1, -2), dg).sum(dim=0)  # nh, D, N
+        da = norm_backward(per_head(dg, Dy.transpose(-1, -2)))  # B, nh, T, D
+        q = apply_rope_complex(x, rotors, out=g)  # g and dg are spent: their memory is reused
+        v_heads = v.unsqueeze(1).expand(B, nh, T, D).contiguous()
+        w = Weights(lam, ctx.C, q.dtype)
+        dq, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, entering, w, ctx.C, da, d_final, shared_qk=True,
+                                                dq_out=dg)
+        dx = relu_backward_(dx.add_(unrotate_(dq, rotors)), x)  # B, nh, T, N
+        dDx = torch.matmul(v.unsqueeze(1).transpose(-1, -2), dx).sum(dim=0)  # nh, D, N
+        dv = per_head(dx, Dx.transpose(-1, -2)).sum(dim=1) + dv_heads.sum(dim=1)  # B, T, D
+        d_s0 = d_s0 if ctx.needs_input_grad[5] else None
+        return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None
+
+
+class Scratch(threading.local):
+    """Reused buffers for the layer's N-wide temporaries on the CPU, one set per thread.
+
+    Without a caching allocator, every fresh (B, nh, T, N) tensor is written through new pages:
+    12 ms per 50 MB here against 2 ms for a pass over memory already mapped. Three buffers serve
+    every layer, forward and backward (none escapes a call: outputs and gradients are fresh
+    tensors). On CUDA, PyTorch's caching allocator already does this: fresh tensors are returned.
+    """
+
+    def __init__(self):
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def get(self, slot: int, shape, like: torch.Tensor) -> torch.Tensor:
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        buf = self.buffers.get(slot)
+        if buf is None or buf.shape != torch.Size(shape) or buf.dtype != like.dtype:
+            self.buffers[slot] = None  # free the old one first
+            buf = self.buffers[slot] = torch.empty(shape, dtype=like.dtype)
+        return buf
+
+    def clear(self) -> None:
+        """Give the buffers back (they are made again when next needed)."""
+        self.buffers.clear()
+
+
+SCRATCH = Scratch()
+
+
+def per_head(a: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (B, 1 | nh, T, K) @ W (nh, K, M) -> (B, nh, T, M), one batched matmul (into out if given)."""
+    return torch.matmul(a, W, out=out)
+
+
+def relu_backward_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """grad * [out > 0] in place, out a ReLU's output: one pass (a bool mask multiply is 8x slower)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+
+
+def _norm_with_backward(a, layernorm: bool):
+    """LN(a) and a function taking d LN(a) to d a (identity maps without LayerNorm)."""
+    if not layernorm:
+        return a, lambda d: d
+    with torch.enable_grad():
+        leaf = a.detach().requires_grad_()
+        out = norm(leaf)
+    return out.detach(), lambda d: torch.autograd.grad(out, leaf, d)[0]
