@@ -13,8 +13,8 @@ M = tril(ones, -1) * lambda^(i - j) (i, j positions inside the chunk):
     O_c = A_c V_c + lambda^i Q_c S_c
     S_{c+1} = lambda^C S_c + (lambda^(C - j) K_c)^T V_c
 
-The backward pass is written out (attend_backward) so that only q, k, v and the entering
-states are kept: the C x C scores and per-chunk writes are recomputed, not stored. With
+The backward pass is written out (attend_backward) so that only q, k, v and the incoming
+state are kept: the C x C scores and the chunk states are recomputed, not stored. With
 G_c = dL/dS_c, running from G_nc = dL/dS_final backwards:
     G_c  = lambda^C G_{c+1} + (lambda^i Q_c)^T dO_c
     dA_c = (dO_c V_c^T) * M
@@ -73,11 +73,6 @@ class Weights:
         """Causal (strictly lower) and decayed scores, in place: (B, nh, nc, C, C)."""
         return scores.tril_(diagonal=-1) if self.M is None else scores.mul_(self.M[:, None])
 
-    @staticmethod
-    def scale(x, w):
-        """x (B, nh, nc, C, X) times per-head, per-position factors w (nh, C, 1), if any."""
-        return x if w is None else x * w[:, None]
-
 
 def _chunks(x, C):
     """(B, h, T, X) -> (B, h, nc, C, X), a view of a contiguous tensor."""
@@ -90,12 +85,13 @@ def _bmm(a, b, add_to=None, out=None):
 
     The leading dims are folded into one batch as views (no copies, unlike matmul with
     broadcast batch dims), so both operands must have the same leading shape. With add_to
-    (contiguous), the product is accumulated into it in place (baddbmm, no temporary); with
-    out (contiguous, of the product's size), it is written there.
+    (its leading dims foldable, e.g. one chunk of a contiguous tensor), the product is
+    accumulated into it in place (baddbmm, no temporary); with out (contiguous, of the
+    product's size), it is written there.
     """
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     if add_to is not None:
-        add_to.view(-1, *add_to.shape[-2:]).baddbmm_(a3, b3)
+        add_to.view(-1, *add_to.shape[-2:]).baddbmm_(a3, b3)  # view: fails loudly rather than copy
         return add_to
     shape = (*a.shape[:-2], a.shape[-2], b.shape[-1])
     if out is not None:
@@ -108,35 +104,41 @@ def _scores(qc, kc, w):
     return w.mask(_bmm(qc, kc.transpose(-1, -2)))
 
 
+def uses_states(T: int, C: int, s0, need_states: bool) -> bool:
+    """Whether chunk states are involved: several chunks, an incoming state, or one asked for."""
+    return T != C or s0 is not None or need_states
+
+
 def attend(q, k, v, s0, w: Weights, C: int, need_states: bool):
     """Forward of the chunked form over full chunks (T a multiple of C).
 
     q, k: (B, nh, T, N); v: (B, nh, T, D) (heads already expanded); s0: (B, nh, N, D) or None.
-    Returns o (B, nh, T, D), the entering states (B, nh, nc, N, D) and the final state, both
-    None when there is one chunk, no incoming state and no state is needed.
+    Returns o (B, nh, T, D) and the final state (None when uses_states is False). The chunks
+    are read and written in order with one running state: no per-chunk states are kept.
     """
     B, nh, T, N = q.shape
     D = v.shape[-1]
     qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)  # B, nh, nc, C, N|D
     o = _bmm(_scores(qc, kc, w), vc)  # B, nh, nc, C, D
-    if T == C and s0 is None and not need_states:
-        return o.view(B, nh, T, D), None, None
-    if s0 is None:
-        s0 = q.new_zeros(B, nh, N, D, dtype=state_dtype(q))
-    writes = _bmm(w.scale(kc, w.write).transpose(-1, -2), vc).to(s0.dtype)  # B, nh, nc, N, D
-    entering, final = _scan(writes, s0, w.whole)
-    if w.read is None:
-        _bmm(qc, entering.to(q.dtype), add_to=o)  # o += Q_c S_c
-    else:
-        o += w.scale(_bmm(qc, entering.to(q.dtype)), w.read)
-    return o.view(B, nh, T, D), entering, final
+    if not uses_states(T, C, s0, need_states):
+        return o.view(B, nh, T, D), None
+    state, nc = s0, T // C
+    for c in range(nc):
+        if state is not None:
+            _add_product(o[:, :, c], qc[:, :, c], state, w.read)  # O_c += lambda^i Q_c S_c
+        if c < nc - 1 or need_states:
+            state = _advance(state, kc[:, :, c], vc[:, :, c], w.write, w.whole, owned=c > 0)
+    return o.view(B, nh, T, D), (state if need_states else None)
 
 
-def attend_backward(q, k, v, entering, w: Weights, C: int, d_o, d_final, shared_qk: bool, dq_out=None):
+def attend_backward(q, k, v, s0, has_states: bool, w: Weights, C: int, d_o, d_final, shared_qk: bool,
+                    dq_out=None):
     """Gradients of attend: dq, dk (None when shared_qk: then dq holds dq + dk), dv, d(s0).
 
-    entering is what attend returned (None: no state was involved); d_final may be None;
-    dq_out: a contiguous tensor like q to write dq into.
+    s0 and has_states as attend had them (has_states = uses_states(...)); d_final may be None;
+    dq_out: a contiguous tensor like q to write dq into. The state terms take two passes over
+    the chunks, each with one running N x D tensor per head: forwards with the state S_c (for
+    dQ), backwards with its gradient G_{c+1} (for dK, dV, and G_0 = d s0).
     """
     B, nh, T, N = q.shape
     qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
@@ -149,18 +151,56 @@ def attend_backward(q, k, v, entering, w: Weights, C: int, d_o, d_final, shared_
     else:
         dq, dk = _bmm(dA, kc, out=dq_out), _bmm(dA.transpose(-1, -2), qc)
     d_s0 = None
-    if entering is not None:
-        if d_final is None:
-            d_final = torch.zeros_like(entering[:, :, 0])
-        reads = _bmm(w.scale(qc, w.read).transpose(-1, -2), doc).to(entering.dtype)  # B, nh, nc, N, D
-        after = _reverse_scan(reads, d_final.to(entering.dtype), w.whole)  # G_1 .. G_nc
-        d_s0 = reads[:, :, 0] + (after[:, :, 0] if w.whole is None else after[:, :, 0] * w.whole)
-        after = after.to(q.dtype)
-        _bmm(w.scale(doc, w.read), entering.to(q.dtype).transpose(-1, -2), add_to=dq)
-        _bmm(w.scale(vc, w.write), after.transpose(-1, -2), add_to=dq if shared_qk else dk)  # B, nh, nc, C, N
-        _bmm(w.scale(kc, w.write), after, add_to=dv)
+    if has_states:
+        nc = T // C
+        state = s0
+        for c in range(nc):  # dQ_c += lambda^i dO_c S_c^T
+            if state is not None:
+                _add_product(dq[:, :, c], doc[:, :, c], state.transpose(-1, -2), w.read)
+            if c < nc - 1:
+                state = _advance(state, kc[:, :, c], vc[:, :, c], w.write, w.whole, owned=c > 0)
+        into_keys = dq if shared_qk else dk
+        grad = d_final
+        for c in range(nc - 1, -1, -1):  # G_{c+1} -> dK_c, dV_c; then G_c
+            if grad is not None:
+                _add_product(into_keys[:, :, c], _per_row(vc[:, :, c], w.write), grad.transpose(-1, -2), None)
+                _add_product(dv[:, :, c], _per_row(kc[:, :, c], w.write), grad, None)
+            grad = _advance(grad, qc[:, :, c], doc[:, :, c], w.read, w.whole, owned=c < nc - 1)
+        d_s0 = grad
     unchunk = lambda t: None if t is None else t.view(B, nh, T, -1)  # noqa: E731
     return unchunk(dq), unchunk(dk), unchunk(dv), d_s0
+
+
+def _advance(state, a_c, b_c, rows, whole, owned: bool):
+    """lambda^C state + (rows * a_c)^T b_c, the state recurrence (and its gradient's, reversed).
+
+    state (B, nh, N, D) or None (zeros); a_c (B, nh, C, N), b_c (B, nh, C, D); rows (nh, C, 1)
+    per-position factors or None; whole (nh, 1, 1) or None. In place when the state is ours
+    (owned), else a new tensor in the state dtype (float32 at least).
+    """
+    a_c = _per_row(a_c, rows)
+    if state is None:
+        acc = state_dtype(a_c)
+        return _bmm(a_c.transpose(-1, -2).to(acc), b_c.to(acc))
+    if not owned:
+        state = state.clone()
+    if whole is not None:
+        state.mul_(whole)
+    return _bmm(a_c.transpose(-1, -2).to(state.dtype), b_c.to(state.dtype), add_to=state)
+
+
+def _add_product(out, a, b, rows):
+    """out (B, nh, C, X) += rows * (a @ b), in place; rows (nh, C, 1) per-position factors or None."""
+    if rows is None and a.dtype == b.dtype == out.dtype:
+        _bmm(a, b, add_to=out)
+        return
+    product = a.to(b.dtype) @ b
+    out += _per_row(product, rows).to(out.dtype)
+
+
+def _per_row(x, rows):
+    """x (B, nh, C, X) times per-head, per-position factors (nh, C, 1), if any."""
+    return x if rows is None else x * rows
 
 
 class ChunkedAttention(torch.autograd.Function):
@@ -171,42 +211,17 @@ class ChunkedAttention(torch.autograd.Function):
         nh = q.shape[1]
         v_heads = v.expand(-1, nh, -1, -1).contiguous()  # B, nh, T, D: foldable batches for bmm
         w = Weights(lam, C, q.dtype)
-        o, entering, final = attend(q.contiguous(), k.contiguous(), v_heads, s0, w, C, need_states=True)
-        ctx.save_for_backward(q, k, v_heads, entering, lam)
+        o, final = attend(q.contiguous(), k.contiguous(), v_heads, s0, w, C, need_states=True)
+        ctx.save_for_backward(q, k, v_heads, s0, lam)
         ctx.C, ctx.v_heads = C, v.shape[1]
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
-        q, k, v_heads, entering, lam = ctx.saved_tensors
+        q, k, v_heads, s0, lam = ctx.saved_tensors
         w = Weights(lam, ctx.C, q.dtype)
-        dq, dk, dv, d_s0 = attend_backward(q.contiguous(), k.contiguous(), v_heads, entering, w, ctx.C, d_o, d_final,
+        dq, dk, dv, d_s0 = attend_backward(q.contiguous(), k.contiguous(), v_heads, s0, True, w, ctx.C, d_o, d_final,
                                            shared_qk=False)
         if ctx.v_heads == 1 and q.shape[1] > 1:
             dv = dv.sum(dim=1, keepdim=True)  # values were shared by every head
         return dq, dk, dv, d_s0, None, None
-
-
-def _scan(writes, s0, whole):
-    """States entering each chunk (B, nh, nc, N, D) and the state after the last."""
-    if whole is None:
-        totals = writes.cumsum(dim=2) + s0.unsqueeze(2)  # state after each chunk
-        return torch.cat([s0.unsqueeze(2), totals[:, :, :-1]], dim=2), totals[:, :, -1]
-    state, entering = s0, []
-    for c in range(writes.shape[2]):
-        entering.append(state)
-        state = state * whole + writes[:, :, c]
-    return torch.stack(entering, dim=2), state
-
-
-def _reverse_scan(reads, g_final, whole):
-    """G_{c+1} for c = 0..nc-1, where G_nc = g_final and G_c = lambda^C G_{c+1} + reads_c."""
-    nc = reads.shape[2]
-    if whole is None:
-        # sum over c' > c = total - inclusive prefix sum
-        return (g_final + reads.sum(dim=2)).unsqueeze(2) - reads.cumsum(dim=2)
-    g, after = g_final, [None] * nc
-    for c in range(nc - 1, -1, -1):
-        after[c] = g
-        g = g * whole + reads[:, :, c]
-    return torch.stack(after, dim=2)

@@ -9,9 +9,10 @@ The layer (bdh-spec.md section 2, reference layout), from its input v (B, T, D):
 
 Written with autograd op by op (BDH._layers with attn_impl naive/chunked, the reference), every
 N-wide intermediate is a fresh tensor and most are kept for backward: about ten (B, nh, T, N)
-tensors per layer, each written through fresh pages. Here only x is kept (plus v, a and the
-chunk-entering states); q, g and y are recomputed in backward, which is written out below with
-in-place elementwise passes, and dq + dk costs one matmul because k = q:
+tensors per layer, each written through fresh pages. Here only v and a (B, nh, T, D) are kept
+(and the incoming state): x, q, g, y and the chunk states are recomputed in backward (two
+extra matmuls per layer), which is written out below with in-place elementwise passes into
+reused buffers (Scratch), and dq + dk costs one matmul because k = q:
     dE   = y^T dz                 dy  = dz E^T (* dropout scale)
     dg'  = dy * x * [g > 0]       dD_y = LN(a)^T dg'      da = LN'(dg' D_y^T)
     dq   = attention backward(da)  (dq + dk, shared keys)
@@ -26,7 +27,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from bdh.ops.chunked import Weights, attend, attend_backward
+from bdh.ops.chunked import Weights, attend, attend_backward, uses_states
 from bdh.ops.rope import apply_rope_complex, unrotate_
 
 
@@ -56,38 +57,38 @@ class FusedLayer(torch.autograd.Function):
         B, T, D = v.shape
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
-        x = per_head(v.unsqueeze(1), Dx).relu_()  # B, nh, T, N (kept for backward)
-        q = apply_rope_complex(x, rotors, out=SCRATCH.get(0, big, x))
-        v_heads = v.unsqueeze(1).expand(B, nh, T, D).contiguous()  # B, nh, T, D
+        x = _neurons(v, Dx, out=SCRATCH.get(1, big, v))  # B, nh, T, N
+        q = apply_rope_complex(x, rotors, out=SCRATCH.get(0, big, v))
         w = Weights(lam, C, q.dtype)
-        a, entering, final = attend(q, q, v_heads, s0, w, C, need_state)  # B, nh, T, D
-        del q, v_heads
-        y = per_head(norm(a) if layernorm else a, Dy, out=SCRATCH.get(0, big, x)).relu_().mul_(x)
+        a, final = attend(q, q, _heads(v, nh), s0, w, C, need_state)  # B, nh, T, D
+        y = per_head(norm(a) if layernorm else a, Dy, out=q).relu_().mul_(x)  # q is spent: reuse it
         keep = None
         if p > 0:
             keep = torch.empty_like(y).bernoulli_(1 - p)  # drawn as F.dropout draws it
             y.mul_(keep.div_(1 - p))
             keep = keep != 0  # bool: a quarter of the memory
         z = torch.matmul(y, E).sum(dim=1)  # B, T, D
-        ctx.save_for_backward(v, Dx, Dy, E, rotors, x, a, entering, keep, lam)
+        ctx.save_for_backward(v, Dx, Dy, E, rotors, a, s0, keep, lam)
         ctx.C, ctx.layernorm, ctx.p = C, layernorm, p
+        ctx.has_states = uses_states(T, C, s0, need_state)
         return z, final
 
     @staticmethod
     def backward(ctx, dz, d_final):
-        v, Dx, Dy, E, rotors, x, a, entering, keep, lam = ctx.saved_tensors
+        v, Dx, Dy, E, rotors, a, s0, keep, lam = ctx.saved_tensors
         B, T, D = v.shape
-        nh = Dx.shape[0]
-        big = x.shape
-        scale = None if keep is None else keep.to(x.dtype).div_(1 - ctx.p)
+        nh, _, N = Dx.shape
+        big = (B, nh, T, N)
+        scale = None if keep is None else keep.to(v.dtype).div_(1 - ctx.p)
+        x = _neurons(v, Dx, out=SCRATCH.get(3, big, v))  # recomputed: one matmul instead of keeping it
         a_hat, norm_backward = _norm_with_backward(a, ctx.layernorm)
-        g = per_head(a_hat, Dy, out=SCRATCH.get(0, big, x)).relu_()  # B, nh, T, N
-        y = torch.mul(g, x, out=SCRATCH.get(1, big, x))
+        g = per_head(a_hat, Dy, out=SCRATCH.get(0, big, v)).relu_()  # B, nh, T, N
+        y = torch.mul(g, x, out=SCRATCH.get(1, big, v))
         if scale is not None:
             y.mul_(scale)
         dz_heads = dz.unsqueeze(1)  # B, 1, T, D
         dE = torch.matmul(y.transpose(-1, -2), dz_heads).sum(dim=0)  # nh, N, D
-        dy = per_head(dz_heads, E.transpose(-1, -2), out=SCRATCH.get(2, big, x))  # B, nh, T, N
+        dy = per_head(dz_heads, E.transpose(-1, -2), out=SCRATCH.get(2, big, v))  # B, nh, T, N
         if scale is not None:
             dy.mul_(scale)
         dg = relu_backward_(torch.mul(dy, x, out=y), g)  # into y's memory
@@ -95,10 +96,10 @@ class FusedLayer(torch.autograd.Function):
         dDy = torch.matmul(a_hat.transpose(-1, -2), dg).sum(dim=0)  # nh, D, N
         da = norm_backward(per_head(dg, Dy.transpose(-1, -2)))  # B, nh, T, D
         q = apply_rope_complex(x, rotors, out=g)  # g and dg are spent: their memory is reused
-        v_heads = v.unsqueeze(1).expand(B, nh, T, D).contiguous()
         w = Weights(lam, ctx.C, q.dtype)
-        dq, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, entering, w, ctx.C, da, d_final, shared_qk=True,
-                                                dq_out=dg)
+        v_heads = _heads(v, nh)
+        dq, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, s0, ctx.has_states, w, ctx.C, da, d_final,
+                                                shared_qk=True, dq_out=dg)
         dx = relu_backward_(dx.add_(unrotate_(dq, rotors)), x)  # B, nh, T, N
         dDx = torch.matmul(v.unsqueeze(1).transpose(-1, -2), dx).sum(dim=0)  # nh, D, N
         dv = per_head(dx, Dx.transpose(-1, -2)).sum(dim=1) + dv_heads.sum(dim=1)  # B, T, D
@@ -106,11 +107,22 @@ class FusedLayer(torch.autograd.Function):
         return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None
 
 
+def _neurons(v, Dx, out):
+    """x = relu(v D_x): (B, T, D) -> (B, nh, T, N), written into out."""
+    return per_head(v.unsqueeze(1), Dx, out=out).relu_()
+
+
+def _heads(v, nh):
+    """v (B, T, D) repeated for every head, contiguous: (B, nh, T, D), so that bmm batches fold."""
+    B, T, D = v.shape
+    return v.unsqueeze(1).expand(B, nh, T, D).contiguous()
+
+
 class Scratch(threading.local):
     """Reused buffers for the layer's N-wide temporaries on the CPU, one set per thread.
 
     Without a caching allocator, every fresh (B, nh, T, N) tensor is written through new pages:
-    12 ms per 50 MB here against 2 ms for a pass over memory already mapped. Three buffers serve
+    12 ms per 50 MB here against 2 ms for a pass over memory already mapped. Four buffers serve
     every layer, forward and backward (none escapes a call: outputs and gradients are fresh
     tensors). On CUDA, PyTorch's caching allocator already does this: fresh tensors are returned.
     """
