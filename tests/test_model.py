@@ -155,6 +155,39 @@ def test_gradients_equal_across_forms_including_incoming_state(impl):
         assert rel_err(g, g_ref) < 1e-10
 
 
+@pytest.mark.parametrize("overrides", [{}, {"decay": "alibi", "layernorm": False}, {"dropout": 0.3}],
+                         ids=["reference", "decay-normfree", "dropout"])
+def test_fused_training_path_equals_op_by_op(overrides):
+    """attn_impl="auto" trains through bdh.ops.layer; "naive" goes op by op. Same logits, states, grads."""
+    idx = torch.randint(0, 256, (2, 12))
+    prefix = torch.randint(0, 256, (2, 5))
+    results = {}
+    for impl in ("naive", "auto"):
+        torch.manual_seed(0)
+        model = make_model(attn_impl=impl, **overrides).double().train()
+        assert (model._fused_chunk(12, True, True) is not None) == (impl == "auto")
+        with torch.no_grad():
+            state = model(prefix).state
+        state.rho = [r.clone().requires_grad_() for r in state.rho]
+        torch.manual_seed(1)  # the same dropout draws
+        out = model(idx, targets=idx, state=state)
+        (out.loss + sum((r * 0.01).sum() for r in out.state.rho)).backward()
+        grads = [p.grad for p in model.parameters()] + [r.grad for r in state.rho]
+        results[impl] = [out.logits, *out.state.rho, *grads]
+    for a, b in zip(results["auto"], results["naive"]):
+        assert rel_err(a, b) < 1e-6  # logits come back in float32
+
+
+def test_fused_path_steps_aside_for_hooks():
+    model = make_model()
+    assert model._fused_chunk(16, False, False) == 16
+    handle = model.hook_y.register_forward_hook(lambda *args: None)
+    assert model._fused_chunk(16, False, False) is None
+    handle.remove()
+    assert make_model(layout="eq8")._fused_chunk(16, False, False) is None
+    assert make_model(attn_impl="chunked")._fused_chunk(16, False, False) is None
+
+
 def test_detach_kv_stops_gradient_through_keys_and_values():
     idx = torch.randint(0, 256, (1, 9))
     grads = {}

@@ -1,0 +1,107 @@
+"""The fused training layer (bdh.ops.layer) against the same layer written op by op with autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdh.ops import apply_rope_complex, naive_attention, rope_freqs, rope_rotors
+from bdh.ops.layer import SCRATCH, fused_layer, norm
+
+B, NH, N, D = 2, 2, 16, 8
+DECAY = torch.tensor([0.9, 0.7], dtype=torch.float64)
+
+
+def reference_layer(v, Dx, Dy, E, rotors, s0, decay, layernorm, keep_scale):
+    """bdh-spec section 2, one op at a time; keep_scale: the dropout multiplier on y, or None."""
+    x = F.relu(torch.matmul(v.unsqueeze(1), Dx))  # B, nh, T, N
+    q = apply_rope_complex(x, rotors)
+    a, state = naive_attention(q, q, v.unsqueeze(1), s0, decay, output_final_state=True)
+    y = F.relu(torch.matmul(norm(a) if layernorm else a, Dy)) * x
+    if keep_scale is not None:
+        y = y * keep_scale
+    return torch.matmul(y, E).sum(dim=1), state
+
+
+def make(T, with_state, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, s=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * s).requires_grad_()  # noqa: E731
+    v = rand(B, T, D)
+    Dx, Dy, E = rand(NH, D, N, s=0.5), rand(NH, D, N, s=0.5), rand(NH, N, D, s=0.5)
+    freqs = rope_freqs(N, theta=64.0).expand(NH, N)
+    rotors = rope_rotors(torch.arange(5, 5 + T)[None], freqs)  # positions continue an earlier prefix
+    s0 = rand(B, NH, N, D, s=0.3) if with_state else None
+    return v, Dx, Dy, E, rotors, s0
+
+
+def grads_of(z, state, leaves):
+    g = torch.Generator().manual_seed(1)
+    loss = (z * torch.randn(z.shape, generator=g, dtype=z.dtype)).sum()
+    loss = loss + (state * torch.randn(state.shape, generator=g, dtype=state.dtype)).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("T, C", [(12, 4), (12, 12), (16, 1), (9, 3)])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("decay", [None, DECAY], ids=["nodecay", "decay"])
+@pytest.mark.parametrize("layernorm", [True, False])
+def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, layernorm):
+    v, Dx, Dy, E, rotors, s0 = make(T, with_state)
+    leaves = [t for t in (v, Dx, Dy, E, s0) if t is not None]
+    z, state = fused_layer(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, need_state=True)
+    z_ref, state_ref = reference_layer(v, Dx, Dy, E, rotors, s0, decay, layernorm, None)
+    assert rel_err(z, z_ref) < 1e-12
+    assert rel_err(state, state_ref) < 1e-12
+    for g, g_ref in zip(grads_of(z, state, leaves), grads_of(z_ref, state_ref, leaves)):
+        assert rel_err(g, g_ref) < 1e-11
+
+
+def test_dropout_matches_the_same_mask():
+    v, Dx, Dy, E, rotors, _ = make(12, False)
+    torch.manual_seed(7)
+    z, state = fused_layer(v, Dx, Dy, E, rotors, None, None, 4, True, dropout=0.25, need_state=True)
+    torch.manual_seed(7)
+    keep = torch.empty(B, NH, 12, N, dtype=torch.float64).bernoulli_(0.75).div_(0.75)  # the draw F.dropout makes
+    z_ref, state_ref = reference_layer(v, Dx, Dy, E, rotors, None, None, True, keep)
+    assert 0 < (keep == 0).float().mean() < 0.5
+    assert rel_err(z, z_ref) < 1e-12
+    leaves = [v, Dx, Dy, E]
+    for g, g_ref in zip(grads_of(z, state, leaves), grads_of(z_ref, state_ref, leaves)):
+        assert rel_err(g, g_ref) < 1e-11
+
+
+def test_no_state_asked_none_returned_and_no_grad_for_missing_state():
+    v, Dx, Dy, E, rotors, _ = make(8, False)
+    z, state = fused_layer(v, Dx, Dy, E, rotors, chunk_size=4)
+    assert state is None
+    z.sum().backward()
+    assert v.grad is not None and Dx.grad is not None
+
+
+def test_chunk_must_divide_length():
+    v, Dx, Dy, E, rotors, _ = make(10, False)
+    with pytest.raises(ValueError, match="divide"):
+        fused_layer(v, Dx, Dy, E, rotors, chunk_size=4)
+
+
+def test_two_layers_sharing_scratch_buffers_match_op_by_op():
+    """Consecutive layers reuse the same buffers, forward and backward; nothing may leak between them."""
+    v, Dx, Dy, E, rotors, _ = make(8, False)
+    leaves = [v, Dx, Dy, E]
+
+    def two(layer):
+        z1, _ = layer(v, Dx, Dy, E, rotors)
+        z2, s2 = layer(norm(v + z1), Dx, Dy, E, rotors)
+        return z1, z2, s2
+
+    fused = two(lambda *a: fused_layer(*a, chunk_size=4, need_state=True))
+    ref = two(lambda *a: reference_layer(*a, None, None, True, None))
+    for a, b in zip(fused, ref):
+        assert rel_err(a, b) < 1e-12
+    for g, g_ref in zip(grads_of(fused[1], fused[2], leaves), grads_of(ref[1], ref[2], leaves)):
+        assert rel_err(g, g_ref) < 1e-11
+    SCRATCH.clear()
+    assert not SCRATCH.buffers
