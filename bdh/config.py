@@ -40,7 +40,7 @@ class BDHConfig:
     # which form of the linear attention computes the same result: see bdh/ops
     attn_impl: str = "auto"
     # chunk length of the chunked form (memory/speed trade-off only, results are the same);
-    # 256 was fastest for both small and paper-25m shapes in benchmarks/README.md
+    # 128 and 256 are within 8 % of each other for small and paper-25m (benchmarks/README.md)
     chunk_size: int = 256
     # RoPE base; the reference uses 2**16 with pairs of neurons sharing a frequency
     rope_theta: float = 65536.0

@@ -165,7 +165,7 @@ def test_fused_training_path_equals_op_by_op(overrides):
     for impl in ("naive", "auto"):
         torch.manual_seed(0)
         model = make_model(attn_impl=impl, **overrides).double().train()
-        assert (model._fused_chunk(12, True, True) is not None) == (impl == "auto")
+        assert (model._fused_chunk(12) is not None) == (impl == "auto")
         with torch.no_grad():
             state = model(prefix).state
         state.rho = [r.clone().requires_grad_() for r in state.rho]
@@ -180,12 +180,12 @@ def test_fused_training_path_equals_op_by_op(overrides):
 
 def test_fused_path_steps_aside_for_hooks():
     model = make_model()
-    assert model._fused_chunk(16, False, False) == 16
+    assert model._fused_chunk(16) == 16
     handle = model.hook_y.register_forward_hook(lambda *args: None)
-    assert model._fused_chunk(16, False, False) is None
+    assert model._fused_chunk(16) is None
     handle.remove()
-    assert make_model(layout="eq8")._fused_chunk(16, False, False) is None
-    assert make_model(attn_impl="chunked")._fused_chunk(16, False, False) is None
+    assert make_model(layout="eq8")._fused_chunk(16) is None
+    assert make_model(attn_impl="chunked")._fused_chunk(16) is None
 
 
 def test_detach_kv_stops_gradient_through_keys_and_values():
