@@ -20,7 +20,7 @@ from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
 from bdh.ops.layer import fused_layer, norm
-from bdh.ops.recurrent import active_pairs, recurrent_step, sparse_step_inplace
+from bdh.ops.recurrent import active_pairs, sparse_step_inplace
 from bdh.outputs import ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
 from bdh.state import BDHState
@@ -116,8 +116,7 @@ class BDH(nn.Module):
         quadratic form from T = 512 up at both presets.)
         """
         c = self.config
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.hook_x, self.hook_a, self.hook_y))
-        if c.attn_impl != "auto" or c.layout != "reference" or c.detach_kv or c.compute_dtype != "float32" or hooked:
+        if c.attn_impl != "auto" or c.layout != "reference" or c.detach_kv or c.compute_dtype != "float32" or self._hooked():
             return None
         C = min(c.chunk_size, T)
         return C if T > 1 and T % C == 0 else None
@@ -140,7 +139,9 @@ class BDH(nn.Module):
         """
         a = self.hook_a(a)
         y = F.relu(head_product(self._ln(a), self.encoder_v)) * x  # B, nh, T, N
-        y = self.drop(self.hook_y(y.contiguous()))  # contiguous: dropout draws as the fused layer does
+        y = self.hook_y(y)
+        if self.training and self.drop.p > 0:
+            y = self.drop(y.contiguous())  # contiguous: dropout draws as the fused layer does
         E = self._E()
         if few_tokens(y):
             return head_product(y, E).sum(dim=1, keepdim=True)  # B, 1, T, D
@@ -149,30 +150,62 @@ class BDH(nn.Module):
     def _decode_step(self, idx, state):
         """One token per sequence, the state updated in place; sparse-aware per layer.
 
-        When few RoPE pairs are active (fraction below config.sparse_decode_below), only the
-        state rows, D_y columns and E rows of active neurons are read or written: exact, and
-        O(k D) instead of O(N D) per head for k active neurons. x itself is always dense.
+        Activations are kept as rows (nh, B, X) so that every weight and state is read in place
+        by one batched matmul, with few ops per layer (per-op overhead is most of a token's time
+        at small sizes). When few RoPE pairs are active (fraction below
+        config.sparse_decode_below), only the state rows, D_y columns and E rows of active
+        neurons are read or written (_sparse_layer): exact, O(k D) instead of O(N D) per head.
+        The hooks see (B, nh, 1, X) views, as in a full forward.
         """
-        rotors = self._rope(idx, state)  # 1|B, nh, 1, N/2
-        v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, 1, D
+        c = self.config
+        B, nh, N, D = idx.shape[0], c.n_head, c.neurons_per_head, c.n_embd
+        hooked = self._hooked()
+        rotors = self._rope(idx, state)[:, :, 0].transpose(0, 1)  # nh, 1|B, N/2
+        v = self._ln(self.embed(idx[:, 0]))  # B, D
+        E = self._E()
         x = None
-        for layer in range(self.config.n_layer):
-            x = self._neurons(v, x)  # B, nh, 1, N
-            q = apply_rope_complex(x, rotors)  # B, nh, 1, N
-            rho = state.rho[layer]
+        for layer in range(c.n_layer):
+            rho = state.rho[layer]  # B, nh, N, D
+            x_new = torch.matmul(v, self.encoder).relu_()  # nh, B, N
+            x = x_new if x is None or c.layout != "eq8" else x + x_new
+            if hooked:
+                x = _rows(self.hook_x(_cols(x)))
+            pairs = torch.view_as_complex(x.reshape(nh, B, N // 2, 2)) * rotors
+            q = torch.view_as_real(pairs).view(nh, B, N)  # nh, B, N
             if self._sparse_enough(x):
-                z = self._sparse_layer(x, q, v, rho)
+                z = self._sparse_layer(_cols(x), _cols(q), v.view(B, 1, 1, D), rho).view(B, D)
             else:
-                a, _ = recurrent_step(q[:, :, 0], q[:, :, 0], v[:, :, 0], rho, self.decay, inplace=True)
-                z = self._read_out(a.unsqueeze(2), x)  # B, 1, 1, D
+                z = self._dense_layer(x, q, v, rho, E, hooked)
             v = self._ln(v + self._ln(z))
-        return v.squeeze(1) @ self.lm_head, state.rho
+        return (v @ self.lm_head).unsqueeze(1), state.rho  # B, 1, V
+
+    def _dense_layer(self, x, q, v, rho, E, hooked):
+        """z (B, D) of one decoded token from rows x, q (nh, B, N) and v (B, D); rho updated in place."""
+        nh, B, N = q.shape
+        D = v.shape[-1]
+        S = rho.view(B * nh, N, D)
+        q_b = q.transpose(0, 1).reshape(B * nh, 1, N).to(S.dtype)  # a copy only when B > 1
+        a = torch.bmm(q_b, S)  # B*nh, 1, D: read, then write
+        S.baddbmm_(q_b.transpose(1, 2), v.to(S.dtype).unsqueeze(1).expand(B, nh, D).reshape(B * nh, 1, D))
+        if self.decay is not None:
+            S.view(B, nh, N * D).mul_(self.decay.to(S.dtype).view(1, nh, 1))
+        a = a.view(B, nh, D).transpose(0, 1).to(v.dtype)  # nh, B, D
+        if hooked:
+            a = _rows(self.hook_a(_cols(a)))
+        y = torch.matmul(self._ln(a), self.encoder_v).relu_().mul_(x)  # nh, B, N
+        if hooked:
+            y = _rows(self.hook_y(_cols(y)))
+        return torch.matmul(y, E).sum(dim=0)  # B, D
+
+    def _hooked(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in (self.hook_x, self.hook_a, self.hook_y))
 
     def _sparse_enough(self, x) -> bool:
-        if self.decay is not None or self.training:
-            return False  # decay rescales every row of the state: nothing to skip
-        active = (x.unflatten(-1, (-1, 2)) != 0).any(dim=-1).any(dim=0).float().mean()  # pairs, any row
-        return bool(active < self.config.sparse_decode_below)
+        threshold = self.config.sparse_decode_below
+        if threshold <= 0 or self.decay is not None or self.training:
+            return False  # off, or decay rescales every row of the state: nothing to skip
+        pairs = x.unflatten(-1, (-1, 2)).sum(dim=(1, -1))  # nh, N/2 (x rows nh, B, N): x >= 0, so > 0 iff any fires
+        return torch.count_nonzero(pairs).item() < threshold * pairs.numel()
 
     def _sparse_layer(self, x, q, v, rho):
         """The layer's z (B, 1, 1, D) touching only active neurons; rho updated in place."""
@@ -260,6 +293,16 @@ class BDH(nn.Module):
         if "freqs" in tensors and not pairs_share_frequencies(tensors["freqs"]):
             raise UserError(f"{source}: RoPE frequencies of neurons 2i and 2i+1 differ; the rotation needs pairs")
         load_named_tensors(self, tensors, source)
+
+
+def _cols(rows: torch.Tensor) -> torch.Tensor:
+    """(nh, B, X) rows -> the (B, nh, 1, X) view a full forward has."""
+    return rows.transpose(0, 1).unsqueeze(2)
+
+
+def _rows(cols: torch.Tensor) -> torch.Tensor:
+    """(B, nh, 1, X) -> (nh, B, X) rows (a view)."""
+    return cols.squeeze(2).transpose(0, 1)
 
 
 def few_tokens(x: torch.Tensor) -> bool:

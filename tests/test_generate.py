@@ -92,10 +92,11 @@ def silence_most_neurons(model, keep=0.2):
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0], ids=["dense", "sparse"])
-@pytest.mark.parametrize("layout", ["reference", "eq8"])
-def test_inplace_decode_equals_functional_decode(threshold, layout):
+@pytest.mark.parametrize("overrides", [{}, {"layout": "eq8"}, {"decay": "alibi"}, {"layernorm": False}],
+                         ids=["reference", "eq8", "decay", "normfree"])
+def test_inplace_decode_equals_functional_decode(threshold, overrides):
     """The in-place (and sparse-aware) decode step gives the logits and states of the plain step."""
-    model = make_model(sparse_decode_below=threshold, layout=layout)
+    model = make_model(sparse_decode_below=threshold, **overrides)
     with torch.no_grad():
         silence_most_neurons(model)
         prompt = torch.randint(0, 256, (3, 6))
@@ -109,6 +110,30 @@ def test_inplace_decode_equals_functional_decode(threshold, layout):
             ref_state, state = ref.state, out.state
         for r, r_ref in zip(state.rho, ref_state.rho):
             assert rel_err(r, r_ref) < 1e-5
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0], ids=["dense", "sparse"])
+def test_hooks_see_the_same_activations_when_decoding_in_place(threshold):
+    model = make_model(sparse_decode_below=threshold)
+    seen = {"x": [], "a": [], "y": []}
+    for site in seen:
+        getattr(model, f"hook_{site}").register_forward_hook(lambda m, i, out, site=site: seen[site].append(out.clone()))
+    with torch.no_grad():
+        silence_most_neurons(model)
+        state = model(torch.randint(0, 256, (2, 4))).state
+        token = torch.tensor([[5], [9]])
+        for values in seen.values():
+            values.clear()
+        model(token, state=state.clone())
+        plain = {site: list(values) for site, values in seen.items()}
+        for values in seen.values():
+            values.clear()
+        model(token, state=state, inplace_state=True)
+    for site in seen:
+        assert len(seen[site]) == len(plain[site]) == model.config.n_layer
+        for got, want in zip(seen[site], plain[site]):
+            assert got.shape == want.shape == (2, model.config.n_head, 1, got.shape[-1])
+            assert rel_err(got, want) < 1e-5
 
 
 def test_sparse_decode_touches_only_active_rows():
