@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import torch
 from common import emit, median, timed
@@ -16,7 +17,10 @@ from bdh import BDH, BDHConfig
 
 
 def reference_style_next_token(model, idx):
-    """The authors' generate(): a full forward over the whole prefix for each new token."""
+    """The authors' generate(): a full forward over the whole prefix for each new token.
+
+    `model` should compute as their code does: the quadratic form op by op (attn_impl="naive").
+    """
     logits = model(idx, return_state=False).logits[:, -1]
     return torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
 
@@ -51,8 +55,10 @@ def bench_preset(preset: str, positions: list[int], tokens: int, prefix_context:
     per_position = {}
     for pos in positions:
         per_position[str(pos)] = decode_latency(model, state_at(model, pos), tokens)
+    authors_form = BDH(replace(model.config, attn_impl="naive")).eval()
+    authors_form.load_state_dict(model.state_dict())
     idx = torch.randint(0, 256, (1, prefix_context))
-    rerun = median(timed(lambda: reference_style_next_token(model, idx), prefix_repeats, warmup=1))
+    rerun = median(timed(lambda: reference_style_next_token(authors_form, idx), prefix_repeats, warmup=1))
     stateful = per_position.get(str(prefix_context)) or decode_latency(model, state_at(model, prefix_context), tokens)
     lat = list(per_position.values())
     return {

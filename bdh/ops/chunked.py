@@ -132,11 +132,11 @@ def attend(q, k, v, s0, w: Weights, C: int, need_states: bool):
 
 
 def attend_backward(q, k, v, s0, has_states: bool, w: Weights, C: int, d_o, d_final, shared_qk: bool,
-                    dq_out=None):
+                    dq_into=None):
     """Gradients of attend: dq, dk (None when shared_qk: then dq holds dq + dk), dv, d(s0).
 
     s0 and has_states as attend had them (has_states = uses_states(...)); d_final may be None;
-    dq_out: a contiguous tensor like q to write dq into. The state terms take two passes over
+    dq_into: a contiguous tensor like q that dq is added to (and returned as). The state terms take two passes over
     the chunks, each with one running N x D tensor per head: forwards with the state S_c (for
     dQ), backwards with its gradient G_{c+1} (for dK, dV, and G_0 = d s0).
     """
@@ -147,9 +147,10 @@ def attend_backward(q, k, v, s0, has_states: bool, w: Weights, C: int, d_o, d_fi
     A = _scores(qc, kc, w)
     dv = _bmm(A.transpose(-1, -2), doc)  # B, nh, nc, C, D
     if shared_qk:
-        dq, dk = _bmm(dA.add_(dA.transpose(-1, -2).clone()), qc, out=dq_out), None
+        dA.add_(dA.transpose(-1, -2).clone())  # k = q: dQ + dK = (dA + dA^T) Q
+        dq, dk = _product_into(dq_into, dA, qc, C), None
     else:
-        dq, dk = _bmm(dA, kc, out=dq_out), _bmm(dA.transpose(-1, -2), qc)
+        dq, dk = _product_into(dq_into, dA, kc, C), _bmm(dA.transpose(-1, -2), qc)
     d_s0 = None
     if has_states:
         nc = T // C
@@ -169,6 +170,11 @@ def attend_backward(q, k, v, s0, has_states: bool, w: Weights, C: int, d_o, d_fi
         d_s0 = grad
     unchunk = lambda t: None if t is None else t.view(B, nh, T, -1)  # noqa: E731
     return unchunk(dq), unchunk(dk), unchunk(dv), d_s0
+
+
+def _product_into(into, a, b, C):
+    """a @ b (B, nh, nc, C, X), added to `into` (B, nh, T, X) if given, else a new tensor."""
+    return _bmm(a, b) if into is None else _bmm(a, b, add_to=_chunks(into, C))
 
 
 def _advance(state, a_c, b_c, rows, whole, owned: bool):

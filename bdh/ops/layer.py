@@ -10,9 +10,9 @@ The layer (bdh-spec.md section 2, reference layout), from its input v (B, T, D):
 Written with autograd op by op (BDH._layers with attn_impl naive/chunked, the reference), every
 N-wide intermediate is a fresh tensor and most are kept for backward: about ten (B, nh, T, N)
 tensors per layer, each written through fresh pages. Here only v and a (B, nh, T, D) are kept
-(and the incoming state): x, q, g, y and the chunk states are recomputed in backward (two
-extra matmuls per layer), which is written out below with in-place elementwise passes into
-reused buffers (Scratch), and dq + dk costs one matmul because k = q:
+(and the incoming state): x (twice), q, g, y and the chunk states are recomputed in backward
+(three extra matmuls per layer), which is written out below with in-place elementwise passes
+into three reused buffers (Scratch), and dq + dk costs one matmul because k = q:
     dE   = y^T dz                 dy  = dz E^T (* dropout scale)
     dg'  = dy * x * [g > 0]       dD_y = LN(a)^T dg'      da = LN'(dg' D_y^T)
     dq   = attention backward(da)  (dq + dk, shared keys)
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bdh.ops.chunked import Weights, attend, attend_backward, uses_states
-from bdh.ops.rope import apply_rope_complex, unrotate_
+from bdh.ops.rope import apply_rope_complex, rotate_, unrotate_
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -57,10 +57,12 @@ class FusedLayer(torch.autograd.Function):
         B, T, D = v.shape
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
-        x = _neurons(v, Dx, out=SCRATCH.get(1, big, v))  # B, nh, T, N
+        v_heads = _heads(v, nh)  # B, nh, T, D
+        x = _neurons(v_heads, Dx, out=SCRATCH.get(1, big, v))  # B, nh, T, N
         q = apply_rope_complex(x, rotors, out=SCRATCH.get(0, big, v))
         w = Weights(lam, C, q.dtype)
-        a, final = attend(q, q, _heads(v, nh), s0, w, C, need_state)  # B, nh, T, D
+        a, final = attend(q, q, v_heads, s0, w, C, need_state)  # B, nh, T, D
+        del v_heads
         y = per_head(norm(a) if layernorm else a, Dy, out=q).relu_().mul_(x)  # q is spent: reuse it
         keep = None
         if p > 0:
@@ -80,36 +82,47 @@ class FusedLayer(torch.autograd.Function):
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
         scale = None if keep is None else keep.to(v.dtype).div_(1 - ctx.p)
-        x = _neurons(v, Dx, out=SCRATCH.get(3, big, v))  # recomputed: one matmul instead of keeping it
+        v_heads, dz_heads = _heads(v, nh), _heads(dz, nh)  # B, nh, T, D
         a_hat, norm_backward = _norm_with_backward(a, ctx.layernorm)
-        g = per_head(a_hat, Dy, out=SCRATCH.get(0, big, v)).relu_()  # B, nh, T, N
-        y = torch.mul(g, x, out=SCRATCH.get(1, big, v))
+        # the read-out: x, g and y recomputed into three buffers, which then hold dy, dg and dx
+        x = _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v))  # B, nh, T, N
+        g = per_head(a_hat, Dy, out=SCRATCH.get(1, big, v)).relu_()
+        y = torch.mul(g, x, out=SCRATCH.get(2, big, v))
         if scale is not None:
             y.mul_(scale)
-        dz_heads = dz.unsqueeze(1)  # B, 1, T, D
         dE = torch.matmul(y.transpose(-1, -2), dz_heads).sum(dim=0)  # nh, N, D
-        dy = per_head(dz_heads, E.transpose(-1, -2), out=SCRATCH.get(2, big, v))  # B, nh, T, N
+        dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent
         if scale is not None:
             dy.mul_(scale)
-        dg = relu_backward_(torch.mul(dy, x, out=y), g)  # into y's memory
-        dx = dy.mul_(g)  # the gating's share of dx, into dy's memory
+        dg = relu_backward_(x.mul_(dy), g)  # into x's memory (x is made again below)
+        dx = g.mul_(dy)  # the gating's share of dx, into g's memory
         dDy = torch.matmul(a_hat.transpose(-1, -2), dg).sum(dim=0)  # nh, D, N
         da = norm_backward(per_head(dg, Dy.transpose(-1, -2)))  # B, nh, T, D
-        q = apply_rope_complex(x, rotors, out=g)  # g and dg are spent: their memory is reused
+        # the attention: dq (+ dk) is accumulated onto the rotated dx, then all of it rotated back
+        x = _neurons(v_heads, Dx, out=dg)
+        q = apply_rope_complex(x, rotors, out=dy)
         w = Weights(lam, ctx.C, q.dtype)
-        v_heads = _heads(v, nh)
-        dq, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, s0, ctx.has_states, w, ctx.C, da, d_final,
-                                                shared_qk=True, dq_out=dg)
-        dx = relu_backward_(dx.add_(unrotate_(dq, rotors)), x)  # B, nh, T, N
-        dDx = torch.matmul(v.unsqueeze(1).transpose(-1, -2), dx).sum(dim=0)  # nh, D, N
+        _, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, s0, ctx.has_states, w, ctx.C, da, d_final,
+                                               shared_qk=True, dq_into=rotate_(dx, _unrotation_inverse(rotors, dx)))
+        dx = relu_backward_(unrotate_(dx, rotors), x)  # B, nh, T, N
+        dDx = torch.matmul(v_heads.transpose(-1, -2), dx).sum(dim=0)  # nh, D, N
         dv = per_head(dx, Dx.transpose(-1, -2)).sum(dim=1) + dv_heads.sum(dim=1)  # B, T, D
         d_s0 = d_s0 if ctx.needs_input_grad[5] else None
         return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None
 
 
-def _neurons(v, Dx, out):
-    """x = relu(v D_x): (B, T, D) -> (B, nh, T, N), written into out."""
-    return per_head(v.unsqueeze(1), Dx, out=out).relu_()
+def _unrotation_inverse(rotors, like):
+    """1 / conj(r) in like's precision: rotating by it, then unrotating (by conj(r)), is the identity.
+
+    (Rotating by r itself would scale by |r|^2, which differs from 1 by up to 1e-7 in complex64.)
+    """
+    wide = rotors.to(torch.complex128 if like.dtype == torch.float64 else torch.complex64)
+    return 1 / wide.conj()
+
+
+def _neurons(v_heads, Dx, out):
+    """x = relu(v D_x): (B, nh, T, D) -> (B, nh, T, N), written into out."""
+    return per_head(v_heads, Dx, out=out).relu_()
 
 
 def _heads(v, nh):
@@ -122,7 +135,7 @@ class Scratch(threading.local):
     """Reused buffers for the layer's N-wide temporaries on the CPU, one set per thread.
 
     Without a caching allocator, every fresh (B, nh, T, N) tensor is written through new pages:
-    12 ms per 50 MB here against 2 ms for a pass over memory already mapped. Four buffers serve
+    12 ms per 50 MB here against 2 ms for a pass over memory already mapped. Three buffers serve
     every layer, forward and backward (none escapes a call: outputs and gradients are fresh
     tensors). On CUDA, PyTorch's caching allocator already does this: fresh tensors are returned.
     """

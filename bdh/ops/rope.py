@@ -69,8 +69,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_pairs(x) * sin
 
 
+def rotate_(x: torch.Tensor, rotors: torch.Tensor) -> torch.Tensor:
+    """apply_rope_complex in place: x (B, nh, T, N) contiguous float32/float64."""
+    torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rotors)  # B, nh, T, N/2
+    return x
+
+
 def unrotate_(d: torch.Tensor, rotors: torch.Tensor) -> torch.Tensor:
     """The inverse rotation (the gradient of apply_rope_complex), in place: d (B, nh, T, N) contiguous."""
-    pairs = torch.view_as_complex(d.unflatten(-1, (-1, 2)))  # B, nh, T, N/2
-    pairs.mul_(rotors.conj().resolve_conj())  # the conjugate as a tensor: 3x faster than a lazy conj
-    return d
+    return rotate_(d, rotors.conj().resolve_conj())  # the conjugate as a tensor: 3x faster than a lazy conj
