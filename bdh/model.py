@@ -20,7 +20,7 @@ from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
 from bdh.ops.layer import fused_layer, norm
-from bdh.ops.recurrent import active_pairs, sparse_step_inplace
+from bdh.ops.recurrent import active_neurons, sparse_step_inplace
 from bdh.outputs import ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
 from bdh.state import BDHState
@@ -111,13 +111,15 @@ class BDH(nn.Module):
         """The chunk length for the fused layer (bdh.ops.layer), or None where it does not apply.
 
         It serves attn_impl="auto" in the reference layout, float32, with no hooks to call
-        (bdh.interp captures through them), for T > 1 tokens in chunks of min(chunk_size, T)
+        (bdh.interp captures through them), outside torch.compile, for T > 1 tokens in chunks of min(chunk_size, T)
         that divide T. (Measured on benchmarks/train_step.py, chunks beat the one-chunk
         quadratic form from T = 512 up at both presets.)
         """
         c = self.config
         if c.attn_impl != "auto" or c.layout != "reference" or c.detach_kv or c.compute_dtype != "float32" or self._hooked():
             return None
+        if torch.compiler.is_compiling():
+            return None  # under torch.compile the op-by-op layer is traced and fused by the compiler
         C = min(c.chunk_size, T)
         return C if T > 1 and T % C == 0 else None
 
@@ -172,8 +174,9 @@ class BDH(nn.Module):
                 x = _rows(self.hook_x(_cols(x)))
             pairs = torch.view_as_complex(x.reshape(nh, B, N // 2, 2)) * rotors
             q = torch.view_as_real(pairs).view(nh, B, N)  # nh, B, N
-            if self._sparse_enough(x):
-                z = self._sparse_layer(_cols(x), _cols(q), v.view(B, 1, 1, D), rho).view(B, D)
+            active = self._active(x)
+            if active is not None:
+                z = self._sparse_layer(x, q, v, rho, active, hooked)
             else:
                 z = self._dense_layer(x, q, v, rho, E, hooked)
             v = self._ln(v + self._ln(z))
@@ -200,32 +203,37 @@ class BDH(nn.Module):
     def _hooked(self) -> bool:
         return any(m._forward_hooks or m._forward_pre_hooks for m in (self.hook_x, self.hook_a, self.hook_y))
 
-    def _sparse_enough(self, x) -> bool:
+    def _active(self, x):
+        """The active neurons (see active_neurons) when few enough for the sparse path, else None."""
         threshold = self.config.sparse_decode_below
         if threshold <= 0 or self.decay is not None or self.training:
-            return False  # off, or decay rescales every row of the state: nothing to skip
-        pairs = x.unflatten(-1, (-1, 2)).sum(dim=(1, -1))  # nh, N/2 (x rows nh, B, N): x >= 0, so > 0 iff any fires
-        return torch.count_nonzero(pairs).item() < threshold * pairs.numel()
+            return None  # off, or decay rescales every row of the state: nothing to skip
+        return active_neurons(x, threshold)
 
-    def _sparse_layer(self, x, q, v, rho):
-        """The layer's z (B, 1, 1, D) touching only active neurons; rho updated in place."""
-        c = self.config
-        nh, N, D = c.n_head, c.neurons_per_head, c.n_embd
-        B = x.shape[0]
-        E = self._E()
-        active = [active_pairs(x[:, h, 0]) for h in range(nh)]  # nh x (k_h,)
-        a = x.new_zeros(B, nh, 1, D)
-        for h, idx in enumerate(active):
-            a[:, h, 0] = sparse_step_inplace(q[:, h, 0, idx], idx, v[:, 0, 0], rho[:, h])
-        a_norm = self._ln(self.hook_a(a))  # B, nh, 1, D
-        y = torch.zeros_like(x)  # B, nh, 1, N
-        z = x.new_zeros(B, D)
-        for h, idx in enumerate(active):
-            y_h = F.relu(a_norm[:, h, 0] @ self.encoder_v[h][:, idx]) * x[:, h, 0, idx]  # B, k
-            y[:, h, 0, idx] = y_h
-            z = z + y_h @ E[h][idx]  # B, D
-        self.hook_y(y)
-        return z.view(B, 1, 1, D)
+    def _sparse_layer(self, x, q, v, rho, active, hooked):
+        """z (B, D) touching only the active neurons (indices into nh * N); rho updated in place.
+
+        x, q: rows (nh, B, N); v: (B, D). All heads at once: the state rows, D_y columns and
+        E rows of the active neurons are gathered, each neuron's read-out share is summed into
+        its head, and the gated y of the active neurons is decoded by their E rows.
+        """
+        nh, B, N = x.shape
+        D = v.shape[-1]
+        heads = torch.div(active, N, rounding_mode="floor")  # k: the head of each active neuron
+        x_a = x.transpose(0, 1).reshape(B, nh * N)[:, active]  # B, k
+        q_a = q.transpose(0, 1).reshape(B, nh * N)[:, active]
+        reads = sparse_step_inplace(q_a, active, v, rho.view(B, nh * N, D))  # B, k, D
+        a = reads.new_zeros(B, nh, D).index_add_(1, heads, reads).to(v.dtype)  # B, nh, D
+        if hooked:
+            a = self.hook_a(a.unsqueeze(2)).squeeze(2)
+        a_hat = self._ln(a)
+        columns = self.encoder_v[heads, :, active - heads * N]  # k, D: D_y column of each active neuron
+        y_a = F.relu((a_hat[:, heads] * columns).sum(dim=-1)) * x_a  # B, k
+        if hooked:
+            y = y_a.new_zeros(B, nh * N).index_copy_(1, active, y_a)
+            y_a = _rows(self.hook_y(_cols(y.view(B, nh, N).transpose(0, 1))))
+            y_a = y_a.transpose(0, 1).reshape(B, nh * N)[:, active]
+        return y_a @ self.decoder.index_select(0, active)  # B, D
 
     def _attention(self, T: int, has_state: bool, wants_state: bool):
         c = self.config

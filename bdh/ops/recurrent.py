@@ -34,26 +34,30 @@ def recurrent_step(q_t, k_t, v_t, state, decay=None, inplace=False):
     return o_t, state
 
 
-def active_pairs(x_h: torch.Tensor) -> torch.Tensor:
-    """Neuron indices of the RoPE pairs with any active neuron in any row: x_h (B, N) -> (k,).
+def active_neurons(x_rows: torch.Tensor, below: float) -> torch.Tensor | None:
+    """Indices into nh * N of the neurons in RoPE pairs with any active neuron in any row, or
+    None when the active pairs are not fewer than `below` of all. x_rows: (nh, B, N), x >= 0.
 
     RoPE mixes neurons 2i and 2i+1, so a pair is read and written as soon as one of them fires.
     """
-    pair_on = (x_h.unflatten(-1, (-1, 2)) != 0).any(dim=-1).any(dim=0)  # N/2
-    pairs = pair_on.nonzero().squeeze(1)
-    return torch.stack((2 * pairs, 2 * pairs + 1), dim=1).flatten()  # k
+    on = x_rows.unflatten(-1, (-1, 2)).sum(dim=(1, -1)).flatten() > 0  # nh * N/2 (x >= 0: > 0 iff any fires)
+    pairs = on.nonzero().squeeze(1)
+    if pairs.numel() >= below * on.numel():
+        return None
+    return torch.stack((2 * pairs, 2 * pairs + 1), dim=1).flatten()  # k, ascending
 
 
-def sparse_step_inplace(q_active, idx, v_t, state_h):
-    """Read then write only the state rows idx of one head, in place.
+def sparse_step_inplace(q_active, idx, v_t, state):
+    """Read then write only the state rows idx, in place; heads are flattened into the rows.
 
     q_active: (B, k) rotated queries (= keys) of the active neurons; v_t: (B, D);
-    state_h: (B, N, D). Returns the read-out (B, D). Cost O(k D) instead of O(N D).
+    state: (B, M, D) with M = nh N. Returns each active neuron's share of the read-out,
+    q_i S_i (B, k, D); summed within a head they give its o_t. Cost O(k D) instead of O(M D).
     """
-    rows = state_h.index_select(1, idx)  # B, k, D
-    out = (q_active.to(rows.dtype).unsqueeze(1) @ rows).squeeze(1)  # B, D
-    state_h.index_add_(1, idx, q_active.to(rows.dtype).unsqueeze(-1) * v_t.to(rows.dtype).unsqueeze(1))
-    return out.to(q_active.dtype)
+    q_active = q_active.to(state.dtype).unsqueeze(-1)  # B, k, 1
+    reads = q_active * state.index_select(1, idx)  # B, k, D
+    state.index_add_(1, idx, q_active * v_t.to(state.dtype).unsqueeze(1))
+    return reads
 
 
 def recurrent_attention(q, k, v, initial_state=None, decay=None, output_final_state=True):
