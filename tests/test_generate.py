@@ -148,3 +148,17 @@ def test_sparse_decode_touches_only_active_rows():
     pair_active = (x[0].unflatten(-1, (-1, 2)) != 0).any(-1).repeat_interleave(2, dim=-1)
     assert changed.any() and not (changed & ~pair_active).any()
     assert pair_active.float().mean() < 0.5
+
+
+def test_sparse_decode_sees_weight_updates():
+    """The row-major copy of D_y the sparse path keeps is renewed when D_y changes in place."""
+    model = make_model(sparse_decode_below=1.0)
+    with torch.no_grad():
+        silence_most_neurons(model)
+        state = model(torch.randint(0, 256, (1, 4))).state
+        token = torch.tensor([[7]])
+        model(token, state=state.clone(), inplace_state=True)  # builds the copy
+        model.encoder_v.mul_(1.5)
+        ref = model(token, state=state.clone())
+        out = model(token, state=state.clone(), inplace_state=True)
+    assert rel_err(out.logits, ref.logits) < 1e-5
