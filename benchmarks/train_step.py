@@ -9,6 +9,12 @@ FLOPs are counted analytically (2 per multiply-add) for the work the quadratic f
 same count is used for every form so that FLOP/s compare like with like:
     forward per token = L (6 n D + T_avg (n + nh D)) + 2 D V, T_avg = (T + 1) / 2 causal average
     training = 3 x forward.
+That count flatters the chunked and fused forms, which do less attention work than that; for
+attn_impl="auto" (the fused layer, bdh/ops/layer.py, chunk C) the JSON also gives the FLOPs it
+executes, from the matmuls it runs (scores and weighted sums over full C x C blocks, two state
+passes forward, five backward, x recomputed twice and g once in backward):
+    forward  = 2 (L (3 n D + nh (C (N + D) + 2 N D)) + D V)
+    backward = 2 (L (9 n D + nh (2 C (N + D) + 5 N D)) + 2 D V)
 
     python benchmarks/train_step.py --presets small paper-25m --seq 512 2048 --out benchmarks/results/train.json
 """
@@ -56,6 +62,17 @@ def flops_per_token(cfg, T: int) -> float:
     t_avg = (T + 1) / 2
     forward = 2 * (L * (3 * n * D + t_avg * (n + nh * D)) + D * V)
     return 3 * forward
+
+
+def fused_flops_per_token(cfg, T: int) -> float | None:
+    """FLOPs per token the fused layer executes (forward + backward), or None where it does not run."""
+    C = min(cfg.chunk_size, T)
+    if T % C:
+        return None
+    n, D, L, nh, V, N = cfg.n_neurons, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.neurons_per_head
+    forward = L * (3 * n * D + nh * (C * (N + D) + 2 * N * D)) + D * V
+    backward = L * (9 * n * D + nh * (2 * C * (N + D) + 5 * N * D)) + 2 * D * V
+    return 2 * (forward + backward)
 
 
 def run_worker(preset, T, B, impl, repeats, compile_=False) -> dict:
@@ -109,6 +126,10 @@ def _summarise(preset, T, B, cfg, runs, peak):
             "gflops": round(fpt * B * T / t / 1e9, 1),
             "fraction_of_matmul_peak": round(fpt * B * T / t / 1e9 / peak, 3),
         }
+        executed = fused_flops_per_token(cfg, T) if name == "auto" else None
+        if executed:
+            row["forms"][name]["executed_gflops"] = round(executed * B * T / t / 1e9, 1)
+            row["forms"][name]["executed_fraction_of_peak"] = round(executed * B * T / t / 1e9 / peak, 3)
     base = row["forms"].get("naive", {})
     for name, f in row["forms"].items():
         if "tokens_per_s" in f and "tokens_per_s" in base:

@@ -69,7 +69,7 @@ class FusedLayer(torch.autograd.Function):
             keep = torch.empty_like(y).bernoulli_(1 - p)  # drawn as F.dropout draws it
             y.mul_(keep.div_(1 - p))
             keep = keep != 0  # bool: a quarter of the memory
-        z = torch.matmul(y, E).sum(dim=1)  # B, T, D
+        z = per_head(y, E).sum(dim=1)  # B, T, D
         ctx.save_for_backward(v, Dx, Dy, E, rotors, a, s0, keep, lam)
         ctx.C, ctx.layernorm, ctx.p = C, layernorm, p
         ctx.has_states = uses_states(T, C, s0, need_state)
@@ -90,13 +90,13 @@ class FusedLayer(torch.autograd.Function):
         y = torch.mul(g, x, out=SCRATCH.get(2, big, v))
         if scale is not None:
             y.mul_(scale)
-        dE = torch.matmul(y.transpose(-1, -2), dz_heads).sum(dim=0)  # nh, N, D
+        dE = weight_grad(y, dz_heads)  # nh, N, D
         dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent
         if scale is not None:
             dy.mul_(scale)
         dg = relu_backward_(x.mul_(dy), g)  # into x's memory (x is made again below)
         dx = g.mul_(dy)  # the gating's share of dx, into g's memory
-        dDy = torch.matmul(a_hat.transpose(-1, -2), dg).sum(dim=0)  # nh, D, N
+        dDy = weight_grad(a_hat, dg)  # nh, D, N
         da = norm_backward(per_head(dg, Dy.transpose(-1, -2)))  # B, nh, T, D
         # the attention: dq (+ dk) is accumulated onto the rotated dx, then all of it rotated back
         x = _neurons(v_heads, Dx, out=dg)
@@ -105,7 +105,7 @@ class FusedLayer(torch.autograd.Function):
         _, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, s0, ctx.has_states, w, ctx.C, da, d_final,
                                                shared_qk=True, dq_into=rotate_(dx, _unrotation_inverse(rotors, dx)))
         dx = relu_backward_(unrotate_(dx, rotors), x)  # B, nh, T, N
-        dDx = torch.matmul(v_heads.transpose(-1, -2), dx).sum(dim=0)  # nh, D, N
+        dDx = weight_grad(v_heads, dx)  # nh, D, N
         dv = per_head(dx, Dx.transpose(-1, -2)).sum(dim=1) + dv_heads.sum(dim=1)  # B, T, D
         d_s0 = d_s0 if ctx.needs_input_grad[5] else None
         return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None
@@ -161,8 +161,24 @@ SCRATCH = Scratch()
 
 
 def per_head(a: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a (B, 1 | nh, T, K) @ W (nh, K, M) -> (B, nh, T, M), one batched matmul (into out if given)."""
-    return torch.matmul(a, W, out=out)
+    """a (B, nh, T, K) @ W (nh, K, M) -> (B, nh, T, M), into out if given.
+
+    One batched matmul over the heads per sequence, reading W in place: torch.matmul would
+    first copy W once per sequence (B x the weight: 38 MB per product at B = 16, small).
+    """
+    B, nh, T, _ = a.shape
+    out = a.new_empty(B, nh, T, W.shape[-1]) if out is None else out
+    for b in range(B):
+        torch.bmm(a[b], W, out=out[b])
+    return out
+
+
+def weight_grad(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum_b a[b]^T g[b]: a (B, nh, T, K), g (B, nh, T, M) -> (nh, K, M), accumulated in place."""
+    total = torch.bmm(a[0].transpose(1, 2), g[0])
+    for b in range(1, a.shape[0]):
+        total.baddbmm_(a[b].transpose(1, 2), g[b])
+    return total
 
 
 def relu_backward_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
