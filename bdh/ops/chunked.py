@@ -80,23 +80,19 @@ def _chunks(x, C):
     return x.reshape(B, h, T // C, C, X)
 
 
-def _bmm(a, b, add_to=None, out=None):
+def _bmm(a, b, add_to=None):
     """Batched matmul over all leading dims: (..., m, k) @ (..., k, n) -> (..., m, n).
 
     The leading dims are folded into one batch as views (no copies, unlike matmul with
     broadcast batch dims), so both operands must have the same leading shape. With add_to
     (its leading dims foldable, e.g. one chunk of a contiguous tensor), the product is
-    accumulated into it in place (baddbmm, no temporary); with out (contiguous, of the
-    product's size), it is written there.
+    accumulated into it in place (baddbmm, no temporary).
     """
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     if add_to is not None:
         add_to.view(-1, *add_to.shape[-2:]).baddbmm_(a3, b3)  # view: fails loudly rather than copy
         return add_to
-    shape = (*a.shape[:-2], a.shape[-2], b.shape[-1])
-    if out is not None:
-        return torch.bmm(a3, b3, out=out.view(-1, *shape[-2:])).view(shape)
-    return torch.bmm(a3, b3).view(shape)
+    return torch.bmm(a3, b3).view(*a.shape[:-2], a.shape[-2], b.shape[-1])
 
 
 def _scores(qc, kc, w):
