@@ -111,9 +111,8 @@ class BDH(nn.Module):
         """The chunk length for the fused layer (bdh.ops.layer), or None where it does not apply.
 
         It serves attn_impl="auto" in the reference layout, float32, with no hooks to call
-        (bdh.interp captures through them), outside torch.compile, for T > 1 tokens in chunks of min(chunk_size, T)
-        that divide T. (Measured on benchmarks/train_step.py, chunks beat the one-chunk
-        quadratic form from T = 512 up at both presets.)
+        (bdh.interp captures through them), outside torch.compile, for T > 1 tokens, in chunks
+        of min(chunk_size, T) when that divides T; otherwise the op-by-op layer runs.
         """
         c = self.config
         if c.attn_impl != "auto" or c.layout != "reference" or c.detach_kv or c.compute_dtype != "float32" or self._hooked():
