@@ -10,11 +10,11 @@ import torch
 from bdh.ops.naive import state_dtype
 
 
-def recurrent_step(q_t, k_t, v_t, state, decay=None, inplace=False):
+def recurrent_step(q_t, k_t, v_t, state, decay=None):
     """One token. q_t, k_t: (B, nh, N); v_t: (B, 1|nh, D); state: (B, nh, N, D) float32 or None.
 
-    Returns o_t (B, nh, D) and the new state. The input state is left as it was unless
-    inplace=True, which saves allocating and copying N x D per head at every decoded token.
+    Returns o_t (B, nh, D) and the new state; the input state is left as it was (decoding
+    updates it in place instead: BDH._dense_layer).
     """
     B, nh, N = q_t.shape
     D = v_t.shape[-1]
@@ -27,10 +27,9 @@ def recurrent_step(q_t, k_t, v_t, state, decay=None, inplace=False):
     keys = k_t.to(state.dtype).reshape(B * nh, N, 1)  # B*nh, N, 1
     values = v_t.to(state.dtype).expand(B, nh, D).reshape(B * nh, 1, D)  # B*nh, 1, D
     flat = state.view(B * nh, N, D)
-    state = (flat.baddbmm_(keys, values) if inplace else torch.baddbmm(flat, keys, values)).view(B, nh, N, D)
+    state = torch.baddbmm(flat, keys, values).view(B, nh, N, D)
     if decay is not None:
-        lam = decay.to(device=state.device, dtype=state.dtype).view(1, nh, 1, 1)
-        state = state.mul_(lam) if inplace else state * lam
+        state = state * decay.to(device=state.device, dtype=state.dtype).view(1, nh, 1, 1)
     return o_t, state
 
 
