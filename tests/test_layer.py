@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from bdh.ops import apply_rope_complex, naive_attention, rope_freqs, rope_rotors
+from bdh.ops import layer
 from bdh.ops.layer import SCRATCH, fused_layer, norm
 
 B, NH, N, D = 2, 2, 16, 8
@@ -48,7 +49,9 @@ def rel_err(a, b):
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["nodecay", "decay"])
 @pytest.mark.parametrize("layernorm", [True, False])
-def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, layernorm):
+@pytest.mark.parametrize("keep_x", [True, False], ids=["x-kept", "x-recomputed"])
+def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, layernorm, keep_x, monkeypatch):
+    monkeypatch.setattr(layer, "KEEP_X_UP_TO", 10**9 if keep_x else 0)
     v, Dx, Dy, E, rotors, s0 = make(T, with_state)
     leaves = [t for t in (v, Dx, Dy, E, s0) if t is not None]
     z, state = fused_layer(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, need_state=True)
@@ -59,7 +62,9 @@ def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, la
         assert rel_err(g, g_ref) < 1e-11
 
 
-def test_dropout_matches_the_same_mask():
+@pytest.mark.parametrize("keep_x", [True, False], ids=["x-kept", "x-recomputed"])
+def test_dropout_matches_the_same_mask(keep_x, monkeypatch):
+    monkeypatch.setattr(layer, "KEEP_X_UP_TO", 10**9 if keep_x else 0)
     v, Dx, Dy, E, rotors, _ = make(12, False)
     torch.manual_seed(7)
     z, state = fused_layer(v, Dx, Dy, E, rotors, None, None, 4, True, dropout=0.25, need_state=True)
@@ -87,8 +92,10 @@ def test_chunk_must_divide_length():
         fused_layer(v, Dx, Dy, E, rotors, chunk_size=4)
 
 
-def test_two_layers_sharing_scratch_buffers_match_op_by_op():
+@pytest.mark.parametrize("keep_x", [True, False], ids=["x-kept", "x-recomputed"])
+def test_two_layers_sharing_scratch_buffers_match_op_by_op(keep_x, monkeypatch):
     """Consecutive layers reuse the same buffers, forward and backward; nothing may leak between them."""
+    monkeypatch.setattr(layer, "KEEP_X_UP_TO", 10**9 if keep_x else 0)
     v, Dx, Dy, E, rotors, _ = make(8, False)
     leaves = [v, Dx, Dy, E]
 

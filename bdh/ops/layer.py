@@ -10,8 +10,8 @@ The layer (bdh-spec.md section 2, reference layout), from its input v (B, T, D):
 Written with autograd op by op (BDH._layers with attn_impl naive/chunked, the reference), every
 N-wide intermediate is a fresh tensor and most are kept for backward: about ten (B, nh, T, N)
 tensors per layer, each written through fresh pages. Here only v and a (B, nh, T, D) are kept
-(and the incoming state): x (twice), q, g, y and the chunk states are recomputed in backward
-(three extra matmuls per layer), which is written out below with in-place elementwise passes
+(and the incoming state): x (twice; kept instead for T <= KEEP_X_UP_TO), q, g, y and the
+chunk states are recomputed in backward (three extra matmuls per layer, one when x is kept), which is written out below with in-place elementwise passes
 into three reused buffers (Scratch), and dq + dk costs one matmul because k = q:
     dE   = y^T dz                 dy  = dz E^T (* dropout scale)
     dg'  = dy * x * [g > 0]       dD_y = LN(a)^T dg'      da = LN'(dg' D_y^T)
@@ -58,7 +58,8 @@ class FusedLayer(torch.autograd.Function):
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
         v_heads = _heads(v, nh)  # B, nh, T, D
-        x = _neurons(v_heads, Dx, out=SCRATCH.get(1, big, v))  # B, nh, T, N
+        keep_x = T <= KEEP_X_UP_TO
+        x = _neurons(v_heads, Dx, out=None if keep_x else SCRATCH.get(1, big, v))  # B, nh, T, N
         q = apply_rope_complex(x, rotors, out=SCRATCH.get(0, big, v))
         w = Weights(lam, C, q.dtype)
         a, final = attend(q, q, v_heads, s0, w, C, need_state)  # B, nh, T, D
@@ -70,14 +71,14 @@ class FusedLayer(torch.autograd.Function):
             y.mul_(keep.div_(1 - p))
             keep = keep != 0  # bool: a quarter of the memory
         z = per_head(y, E).sum(dim=1)  # B, T, D
-        ctx.save_for_backward(v, Dx, Dy, E, rotors, a, s0, keep, lam)
+        ctx.save_for_backward(v, Dx, Dy, E, rotors, a, s0, keep, lam, x if keep_x else None)
         ctx.C, ctx.layernorm, ctx.p = C, layernorm, p
         ctx.has_states = uses_states(T, C, s0, need_state)
         return z, final
 
     @staticmethod
     def backward(ctx, dz, d_final):
-        v, Dx, Dy, E, rotors, a, s0, keep, lam = ctx.saved_tensors
+        v, Dx, Dy, E, rotors, a, s0, keep, lam, kept_x = ctx.saved_tensors
         B, T, D = v.shape
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
@@ -85,7 +86,7 @@ class FusedLayer(torch.autograd.Function):
         v_heads, dz_heads = _heads(v, nh), _heads(dz, nh)  # B, nh, T, D
         a_hat, norm_backward = _norm_with_backward(a, ctx.layernorm)
         # the read-out: x, g and y recomputed into three buffers, which then hold dy, dg and dx
-        x = _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v))  # B, nh, T, N
+        x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v))  # B, nh, T, N
         g = per_head(a_hat, Dy, out=SCRATCH.get(1, big, v)).relu_()
         y = torch.mul(g, x, out=SCRATCH.get(2, big, v))
         if scale is not None:
@@ -94,12 +95,13 @@ class FusedLayer(torch.autograd.Function):
         dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent
         if scale is not None:
             dy.mul_(scale)
-        dg = relu_backward_(x.mul_(dy), g)  # into x's memory (x is made again below)
+        dg = torch.mul(dy, x, out=SCRATCH.get(0, big, v) if kept_x is not None else x)  # recomputed x is made again below
+        dg = relu_backward_(dg, g)
         dx = g.mul_(dy)  # the gating's share of dx, into g's memory
         dDy = weight_grad(a_hat, dg)  # nh, D, N
         da = norm_backward(per_head(dg, Dy.transpose(-1, -2)))  # B, nh, T, D
         # the attention: dq (+ dk) is accumulated onto the rotated dx, then all of it rotated back
-        x = _neurons(v_heads, Dx, out=dg)
+        x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=dg)
         q = apply_rope_complex(x, rotors, out=dy)
         w = Weights(lam, ctx.C, q.dtype)
         _, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, s0, ctx.has_states, w, ctx.C, da, d_final,
@@ -129,6 +131,12 @@ def _heads(v, nh):
     """v (B, T, D) repeated for every head, contiguous: (B, nh, T, D), so that bmm batches fold."""
     B, T, D = v.shape
     return v.unsqueeze(1).expand(B, nh, T, D).contiguous()
+
+
+# Up to this length x is kept from forward to backward (one (B, nh, T, N) tensor per layer)
+# rather than recomputed twice: with short sequences the two extra matmuls are a large share of
+# the step (benchmarks/README.md, T = 128).
+KEEP_X_UP_TO = 256
 
 
 class Scratch(threading.local):
