@@ -162,3 +162,12 @@ def test_sparse_decode_sees_weight_updates():
         ref = model(token, state=state.clone())
         out = model(token, state=state.clone(), inplace_state=True)
     assert rel_err(out.logits, ref.logits) < 1e-5
+
+
+def test_bfloat16_decoding_runs_with_a_float32_state():
+    model = make_model(compute_dtype="bfloat16")
+    with torch.no_grad():
+        state = model(torch.randint(0, 256, (2, 5))).state
+        out = model(torch.tensor([[3], [4]]), state=state, inplace_state=True)
+    assert out.logits.shape == (2, 1, 256) and torch.isfinite(out.logits).all()
+    assert all(r.dtype == torch.float32 for r in out.state.rho)
