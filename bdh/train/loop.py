@@ -119,15 +119,17 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = 
     env = env or distributed.from_environ()
     device = resolve_device(cfg.device, env)
     distributed.init(env, device, init_method)
-    run = None
+    run, finished = None, False
     try:
         run = prepare(cfg, resume, overwrite, env, device)
-        return Trainer(run).fit()
+        result = Trainer(run).fit()
+        finished = True
+        return result
     finally:
         if run is not None:
             # DDP's reducer must be gone before its process group is destroyed, or exit can hang
             run.train_model = None
-        distributed.shutdown(env)
+        distributed.shutdown(env, finished)
 
 
 def resolve_device(name: str, env: distributed.DistEnv) -> torch.device:

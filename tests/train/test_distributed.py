@@ -27,6 +27,7 @@ def _grad_worker(rank, init_file, x, y, out_dir):
     env = distributed.DistEnv(rank=rank, world_size=WORLD, local_rank=rank)
     device = torch.device("cpu")
     distributed.init(env, device, init_method=f"file://{init_file}")
+    finished = False
     try:
         model = distributed.wrap(_model(), env, device)
         rows = x.shape[0] // WORLD
@@ -37,8 +38,9 @@ def _grad_worker(rank, init_file, x, y, out_dir):
         forward_backward(model, micro, grad_accum=2)
         grads = {n: p.grad for n, p in distributed.unwrap(model).named_parameters()}
         torch.save(grads, Path(out_dir) / f"grads{rank}.pt")
+        finished = True
     finally:
-        distributed.shutdown(env)
+        distributed.shutdown(env, finished)
 
 
 def test_ddp_gradient_equals_single_process_gradient(tmp_path):
