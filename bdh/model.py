@@ -115,7 +115,8 @@ class BDH(nn.Module):
         of min(chunk_size, T) when that divides T; otherwise the op-by-op layer runs.
         """
         c = self.config
-        if c.attn_impl != "auto" or c.layout != "reference" or c.detach_kv or c.compute_dtype != "float32" or self._hooked():
+        op_by_op = c.attn_impl != "auto" or c.layout != "reference" or c.detach_kv or c.compute_dtype != "float32"
+        if op_by_op or self._hooked():
             return None
         if torch.compiler.is_compiling():
             return None  # under torch.compile the op-by-op layer is traced and fused by the compiler

@@ -41,12 +41,11 @@ def chunked_attention(q, k, v, initial_state=None, decay=None, output_final_stat
     full = (T // C) * C
     if T <= C:
         return naive_attention(q, k, v, initial_state, decay, output_final_state)
-    B, nh = q.shape[:2]
-    N, D = q.shape[-1], v.shape[-1]
-    s0 = initial_state if initial_state is not None else q.new_zeros(B, nh, N, D, dtype=state_dtype(q))
-    o, state = ChunkedAttention.apply(q[:, :, :full], k[:, :, :full], v[:, :, :full], s0, decay, C)
+    need_state = output_final_state or full < T  # a ragged tail starts from the full chunks' state
+    o, state = ChunkedAttention.apply(q[:, :, :full], k[:, :, :full], v[:, :, :full], initial_state, decay, C,
+                                      need_state)
     if full == T:
-        return o, (state if output_final_state else None)
+        return o, state
     o_tail, state = naive_attention(q[:, :, full:], k[:, :, full:], v[:, :, full:], state, decay, output_final_state)
     return torch.cat([o, o_tail], dim=2), state  # B, nh, T, D
 
@@ -132,9 +131,9 @@ def attend_backward(q, k, v, s0, has_states: bool, w: Weights, C: int, d_o, d_fi
     """Gradients of attend: dq, dk (None when shared_qk: then dq holds dq + dk), dv, d(s0).
 
     s0 and has_states as attend had them (has_states = uses_states(...)); d_final may be None;
-    dq_into: a contiguous tensor like q that dq is added to (and returned as). The state terms take two passes over
-    the chunks, each with one running N x D tensor per head: forwards with the state S_c (for
-    dQ), backwards with its gradient G_{c+1} (for dK, dV, and G_0 = d s0).
+    dq_into: a contiguous tensor like q that dq is added to (and returned as). The state terms
+    take two passes over the chunks, each with one running N x D tensor per head: forwards with
+    the state S_c (for dQ), backwards with its gradient G_{c+1} (for dK, dV, and G_0 = d s0).
     """
     B, nh, T, N = q.shape
     qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
@@ -206,24 +205,24 @@ def _per_row(x, rows):
 
 
 class ChunkedAttention(torch.autograd.Function):
-    """Full chunks only (T a multiple of C). Keeps q, k, v and the entering states for backward."""
+    """Full chunks only (T a multiple of C). Keeps q, k, v and the incoming state (or None) for backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, s0, lam, C):
-        nh = q.shape[1]
+    def forward(ctx, q, k, v, s0, lam, C, need_state):
+        nh, T = q.shape[1], q.shape[2]
         v_heads = v.expand(-1, nh, -1, -1).contiguous()  # B, nh, T, D: foldable batches for bmm
         w = Weights(lam, C, q.dtype)
-        o, final = attend(q.contiguous(), k.contiguous(), v_heads, s0, w, C, need_states=True)
+        o, final = attend(q.contiguous(), k.contiguous(), v_heads, s0, w, C, need_state)
         ctx.save_for_backward(q, k, v_heads, s0, lam)
-        ctx.C, ctx.v_heads = C, v.shape[1]
+        ctx.C, ctx.v_heads, ctx.has_states = C, v.shape[1], uses_states(T, C, s0, need_state)
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
         q, k, v_heads, s0, lam = ctx.saved_tensors
         w = Weights(lam, ctx.C, q.dtype)
-        dq, dk, dv, d_s0 = attend_backward(q.contiguous(), k.contiguous(), v_heads, s0, True, w, ctx.C, d_o, d_final,
-                                           shared_qk=False)
+        dq, dk, dv, d_s0 = attend_backward(q.contiguous(), k.contiguous(), v_heads, s0, ctx.has_states, w, ctx.C,
+                                           d_o, d_final, shared_qk=False)
         if ctx.v_heads == 1 and q.shape[1] > 1:
             dv = dv.sum(dim=1, keepdim=True)  # values were shared by every head
-        return dq, dk, dv, d_s0, None, None
+        return dq, dk, dv, d_s0 if ctx.needs_input_grad[3] else None, None, None, None

@@ -10,9 +10,10 @@ The layer (bdh-spec.md section 2, reference layout), from its input v (B, T, D):
 Written with autograd op by op (BDH._layers with attn_impl naive/chunked, the reference), every
 N-wide intermediate is a fresh tensor and most are kept for backward: about ten (B, nh, T, N)
 tensors per layer, each written through fresh pages. Here only v and a (B, nh, T, D) are kept
-(and the incoming state): x (twice; kept instead for T <= KEEP_X_UP_TO), q, g, y and the
-chunk states are recomputed in backward (three extra matmuls per layer, one when x is kept), which is written out below with in-place elementwise passes
-into three reused buffers (Scratch), and dq + dk costs one matmul because k = q:
+(and the incoming state; and x for T <= KEEP_X_UP_TO): x (twice), q, g, y and the chunk states
+are recomputed in backward (three extra matmuls per layer, one when x is kept). The backward is
+written out below with in-place elementwise passes into three reused buffers (Scratch), and
+dq + dk costs one matmul because k = q:
     dE   = y^T dz                 dy  = dz E^T (* dropout scale)
     dg'  = dy * x * [g > 0]       dD_y = LN(a)^T dg'      da = LN'(dg' D_y^T)
     dq   = attention backward(da)  (dq + dk, shared keys)
@@ -85,7 +86,7 @@ class FusedLayer(torch.autograd.Function):
         scale = None if keep is None else keep.to(v.dtype).div_(1 - ctx.p)
         v_heads, dz_heads = _heads(v, nh), _heads(dz, nh)  # B, nh, T, D
         a_hat, norm_backward = _norm_with_backward(a, ctx.layernorm)
-        # the read-out: x, g and y recomputed into three buffers, which then hold dy, dg and dx
+        # the read-out: g, y (and x unless kept) recomputed into three buffers, which then hold dy, dg, dx
         x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v))  # B, nh, T, N
         g = per_head(a_hat, Dy, out=SCRATCH.get(1, big, v)).relu_()
         y = torch.mul(g, x, out=SCRATCH.get(2, big, v))
@@ -95,7 +96,8 @@ class FusedLayer(torch.autograd.Function):
         dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent
         if scale is not None:
             dy.mul_(scale)
-        dg = torch.mul(dy, x, out=SCRATCH.get(0, big, v) if kept_x is not None else x)  # recomputed x is made again below
+        # dy * x into x's memory when x was recomputed (it is made again below), else a buffer
+        dg = torch.mul(dy, x, out=SCRATCH.get(0, big, v) if kept_x is not None else x)
         dg = relu_backward_(dg, g)
         dx = g.mul_(dy)  # the gating's share of dx, into g's memory
         dDy = weight_grad(a_hat, dg)  # nh, D, N
