@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bdh.errors import UserError
+from bdh.precision import DEVICE_HELP, resolve_device
 
 PROG = "bdh"
 
@@ -125,7 +126,7 @@ def train_config_from_args(args: argparse.Namespace):
         if not isinstance(saved, dict):
             raise UserError(f"{resumed.path / 'trainer_state.json'} holds no train_config mapping")
         values.update(saved)
-        values["out"] = str(resumed.run_dir)
+        values["out"] = str(resumed.run.path)
     for layer in (from_yaml, flags):
         overrides = layer.get("model_overrides")
         values.update(layer)
@@ -166,7 +167,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=_parse_as(float), default=None, metavar="P",
                         help="nucleus sampling: the smallest set of tokens with probability >= P (default: off)")
     parser.add_argument("--seed", type=_parse_as(int), default=None, help="random seed (default: unseeded)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_device_arg(parser)
     parser.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
                         help="print the prompt before the generated text (default: on)")
 
@@ -174,9 +175,10 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from bdh.checkpoint import load_model, resolve_checkpoint
+    from bdh.checkpoint import load_model
     from bdh.data import encode_prompt
     from bdh.generate import generate
+    from bdh.rundir import load_checkpoint_tokenizer, resolve_checkpoint
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
@@ -187,10 +189,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    device = _device(args.device)
+    device = resolve_device(args.device)
     directory = resolve_checkpoint(args.ckpt)
     model = load_model(directory, device=device)
-    tokenizer = _tokenizer_for(directory, model)
+    tokenizer = load_checkpoint_tokenizer(directory, model.config.vocab_size)
     ids = encode_prompt(tokenizer, prompt)
     _check_length(model, len(ids) + args.max_new_tokens)
     generator = torch.Generator(device=device)
@@ -246,27 +248,15 @@ class TextStream:
         self.out.flush()
 
 
-def _device(name: str):
-    from bdh.train.distributed import DistEnv
-    from bdh.train.loop import resolve_device
-
-    return resolve_device(name, DistEnv())
-
-
-def _tokenizer_for(directory: Path, model):
-    """The checkpoint's tokenizer; a bare saved model of 256 tokens is taken to read bytes."""
-    from bdh.data import ByteTokenizer, load_tokenizer
-    from bdh.data.tokenizers import TOKENIZER_FILE
-
-    if not (directory / TOKENIZER_FILE).is_file() and model.config.vocab_size == 256:
-        return ByteTokenizer()
-    return load_tokenizer(directory)
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """--device, the same for every command that runs a model."""
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
 
 
 def _check_length(model, total: int) -> None:
-    config = model.config
-    if getattr(config, "pos_encoding", None) == "learned" and total > config.block_size:
-        raise UserError(f"prompt + new tokens = {total} exceeds this model's {config.block_size} learned positions: "
+    limit = model.max_positions
+    if limit is not None and total > limit:
+        raise UserError(f"prompt + new tokens = {total} exceeds this model's {limit} positions: "
                         "use a shorter prompt or fewer --max-new-tokens")
 
 
@@ -284,26 +274,26 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                         help="tokens per window (default: the training block size, else 256)")
     parser.add_argument("--max-batches", type=_parse_as(int), default=None, metavar="N",
                         help="evaluate at most N batches, spread evenly over the text (default: all)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_device_arg(parser)
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from bdh.checkpoint import load_model, resolve_checkpoint
+    from bdh.checkpoint import load_model
     from bdh.data import load_corpus
-    from bdh.train.checkpoint import read_trainer_state
+    from bdh.rundir import load_checkpoint_tokenizer, read_trainer_state, resolve_checkpoint
     from bdh.train.evaluate import check_eval_length, evaluate, tokens_per_byte
 
     for name in ("batch_size", "block_size", "max_batches"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     directory = resolve_checkpoint(args.ckpt)
     state = read_trainer_state(directory) or {}
     trained = state.get("train_config") if isinstance(state.get("train_config"), dict) else {}
     model = load_model(directory, device=device)
-    tokenizer = _tokenizer_for(directory, model)
+    tokenizer = load_checkpoint_tokenizer(directory, model.config.vocab_size)
     if args.data is not None:
         corpus = load_corpus(args.data)
         text, what = corpus.train + corpus.val, f"all of {args.data}"
@@ -335,15 +325,15 @@ def add_info_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from bdh.checkpoint import load_model, resolve_checkpoint
-    from bdh.train.checkpoint import read_trainer_state
+    from bdh.checkpoint import load_model
+    from bdh.rundir import read_trainer_state, resolve_checkpoint
 
     directory = resolve_checkpoint(args.ckpt)
     model = load_model(directory)
     state = read_trainer_state(directory)
     info = {
         "checkpoint": str(directory),
-        "model_type": getattr(model, "model_type", "bdh"),
+        "model_type": model.model_type,
         "config": model.config.to_dict(),
         "parameters": model.num_params(),
         "parameters_without_embeddings": model.num_params(embeddings=False),
@@ -476,16 +466,88 @@ def _command_line(args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------------------------
 # inspect and bench
 
-def add_inspect_args(parser: argparse.ArgumentParser) -> None:
-    from bdh.interp.cli import add_inspect_arguments
+DEFAULT_MAX_TOKENS = 8192
 
-    add_inspect_arguments(parser)
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _synapse_list(text: str) -> list[tuple[int, int, int, int]]:
+    out = []
+    for item in text.replace(",", " ").split():
+        parts = item.split(":")
+        if len(parts) != 4 or not all(p.lstrip("-").isdigit() for p in parts):
+            raise argparse.ArgumentTypeError(f"synapse {item!r}: write LAYER:HEAD:I:J, e.g. 1:0:17:101")
+        out.append(tuple(int(p) for p in parts))
+    return out
+
+
+def add_inspect_args(parser: argparse.ArgumentParser) -> None:
+    from bdh.interp.synapses import MAX_SYNAPSE_ENTRIES
+
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (or run directory with 'latest')")
+    parser.add_argument("--text", required=True, help="UTF-8 text file to read")
+    parser.add_argument("--out", required=True, help="directory for report.json, report.html and figures")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"read at most this many tokens of the text (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--chunk-len", type=int, default=256,
+                        help="tokens per streamed chunk; memory only, results do not change (default 256)")
+    parser.add_argument("--layers", type=_int_list, default=None,
+                        help="synapse layers to analyse, e.g. 1,3 (layer l pairs y of l-1 with x of l; default all)")
+    parser.add_argument("--top-k", type=int, default=20, help="strongest and concept synapses to list (default 20)")
+    parser.add_argument("--trace", type=_synapse_list, default=None, metavar="L:H:I:J,...",
+                        help="synapses to trace over the text (default: the 4 strongest and the 4 top concept ones)")
+    parser.add_argument("--synapse-entries", type=int, default=1 << 18,
+                        help="strongest synapses per layer saved to synapses.safetensors when a layer has more "
+                             "than 2^20 (smaller layers are saved whole); 0 saves no file (default 262144)")
+    parser.add_argument("--max-synapses", type=int, default=MAX_SYNAPSE_ENTRIES,
+                        help="most synapse entries held at once, 4 bytes each: layers x heads x N^2 for sigma, "
+                             f"four times that for the concept search (default {MAX_SYNAPSE_ENTRIES:,})")
+    concept = parser.add_argument_group("concept synapses")
+    concept.add_argument("--concept", default=None, help="file of concept sentences, one per line")
+    concept.add_argument("--control", default=None, help="file of control sentences, one per line")
+    concept.add_argument("--no-concepts", action="store_true", help="skip the concept analysis")
+    concept.add_argument("--candidates", type=int, default=4096,
+                         help="synapses tested exactly after the t-score pre-selection (default 4096)")
+    concept.add_argument("--normalize", choices=("mean", "sum"), default="mean",
+                         help="a sentence's synapse value: sigma / tokens (mean, default) or raw sigma (sum)")
+    graph = parser.add_argument_group("neuron graph")
+    graph.add_argument("--betas", type=_float_list, default=None,
+                       help="thresholds for G = E D_x, e.g. 0.5,1,1.5 (default: chosen by edge count)")
+    graph.add_argument("--n-betas", type=int, default=7, help="automatic thresholds in the sweep (default 7)")
+    graph.add_argument("--max-edges", type=int, default=100_000,
+                       help="largest directed edge count given a modularity (default 100000)")
+    graph.add_argument("--seeds", type=int, default=5, help="Louvain runs per graph, best kept (default 5)")
+    graph.add_argument("--no-graph", action="store_true", help="skip the neuron graph analysis")
+    parser.add_argument("--metrics", default=None,
+                        help="metrics.jsonl with sparsity logged during training (default: the checkpoint's run)")
+    add_device_arg(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from bdh.interp.cli import run_inspect
+    from bdh.interp.report import inspect, stderr_log
 
-    return run_inspect(args)
+    out = Path(args.out)
+    inspect(args.ckpt, args.text, out, max_tokens=args.max_tokens, device=args.device, metrics=args.metrics,
+            concept_file=args.concept, control_file=args.control, log=None if args.quiet else stderr_log,
+            layers=args.layers, chunk_len=args.chunk_len, top_k=args.top_k, trace=args.trace,
+            concepts=not args.no_concepts, candidates=args.candidates, normalize=args.normalize,
+            graph=not args.no_graph, betas=args.betas, n_betas=args.n_betas, max_edges=args.max_edges,
+            seeds=args.seeds, save_entries=args.synapse_entries, max_synapses=args.max_synapses)
+    print(f"wrote {out / 'report.html'} and {out / 'report.json'}")
+    return 0
 
 
 BENCHMARKS = ("train_step", "generate", "sparse_decode")

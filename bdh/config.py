@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass, validated, with named presets.
+"""Model configuration: the base every family's config builds on, and BDHConfig with its presets.
 
 Dimension legend used in shape comments across the package:
     B batch, T time, L n_layer, nh heads, D n_embd, N neurons per head, n = nh * N, V vocabulary.
@@ -8,120 +8,48 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from bdh.errors import UserError
+from bdh.ops.alibi import alibi_decays
+from bdh.precision import DTYPE_NAMES
 
 ATTN_IMPLS = ("auto", "naive", "chunked", "recurrent")
 LAYOUTS = ("reference", "eq8")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# chunk length of the chunked form (memory/speed trade-off only, results are the same);
+# 128 and 256 are within 8 % of each other for small and paper-25m (benchmarks/README.md)
+CHUNK_SIZE = 256
 
 
-@dataclass
-class BDHConfig:
-    """BDH-GPU hyper-parameters. The first six fields are the authors' names and defaults."""
+class ModelConfig:
+    """What every model family's config dataclass shares: presets, dict/file round trips, checks.
 
-    # how many times the one shared layer is applied
-    n_layer: int = 6
-    # D: width of the low-rank "d-space" (embedding / attention value size)
-    n_embd: int = 256
-    # probability of zeroing y before the decoder, training only
-    dropout: float = 0.1
-    # nh: heads; every head has its own N neurons, state and RoPE frequencies
-    n_head: int = 4
-    # N = mlp_internal_dim_multiplier * D / nh; scaling BDH means scaling this
-    mlp_internal_dim_multiplier: int = 128
-    # V: 256 for the byte tokenizer
-    vocab_size: int = 256
+    A family sets `presets` (name -> field values) and validates its fields in __post_init__
+    with the helpers below, so every config reports a bad value the same way.
+    """
 
-    # which form of the linear attention computes the same result: see bdh/ops
-    attn_impl: str = "auto"
-    # chunk length of the chunked form (memory/speed trade-off only, results are the same);
-    # 128 and 256 are within 8 % of each other for small and paper-25m (benchmarks/README.md)
-    chunk_size: int = 256
-    # RoPE base; the reference uses 2**16 with pairs of neurons sharing a frequency
-    rope_theta: float = 65536.0
-    # per-head state decay lambda_h in (0, 1] (paper's U / ALiBi); None = no decay, "alibi" =
-    # lambda_h = exp(-2^(-8 h / nh)), h = 1..nh, the ALiBi slopes read as a multiplicative decay
-    decay: list[float] | str | None = None
-    # "reference": x = relu(v D_x) per layer; "eq8": x accumulates in neuron space (paper Eq. 8)
-    layout: str = "reference"
-    # False gives BDH-Normfree (paper Eq. 7): every LayerNorm becomes the identity
-    layernorm: bool = True
-    # train without backprop through time: stop gradients through keys/queries and values
-    detach_kv: bool = False
-    # matmul dtype under autocast; the recurrent state and the loss stay in float32
-    compute_dtype: str = "float32"
-    # generation reads/writes only active neurons' state rows when the fraction of active
-    # RoPE pairs is below this (0 = always dense, 1 = always sparse); exact either way
-    sparse_decode_below: float = 0.1
-
-    def __post_init__(self) -> None:
-        self._validate()
-        if isinstance(self.decay, str):
-            self.decay = alibi_decays(self.n_head)
-        elif self.decay is not None:
-            self.decay = [float(d) for d in self.decay]
-
-    def _validate(self) -> None:
-        for name in ("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier", "vocab_size", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"BDHConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise UserError(f"BDHConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if (self.mlp_internal_dim_multiplier * self.n_embd) % self.n_head:
-            raise UserError("BDHConfig: mlp_internal_dim_multiplier * n_embd must be divisible by n_head")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"BDHConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
-        _check_choice("layout", self.layout, LAYOUTS)
-        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
-        if isinstance(self.decay, str) and self.decay != "alibi":
-            raise UserError(f"BDHConfig.decay must be None, 'alibi' or a list of n_head floats, got {self.decay!r}")
-        if isinstance(self.decay, (list, tuple)):
-            if len(self.decay) != self.n_head or not all(0.0 < float(d) <= 1.0 for d in self.decay):
-                raise UserError(f"BDHConfig.decay needs {self.n_head} values in (0, 1], got {self.decay!r}")
-        if not 0.0 <= self.sparse_decode_below <= 1.0:
-            raise UserError(f"BDHConfig.sparse_decode_below must be in [0, 1], got {self.sparse_decode_below!r}")
-        if self.rope_theta <= 1.0:
-            raise UserError(f"BDHConfig.rope_theta must be > 1, got {self.rope_theta!r}")
-
-    # sizes derived from the fields
-    @property
-    def neurons_per_head(self) -> int:
-        """N."""
-        return self.mlp_internal_dim_multiplier * self.n_embd // self.n_head
-
-    @property
-    def n_neurons(self) -> int:
-        """n = nh * N."""
-        return self.n_head * self.neurons_per_head
-
-    def num_params(self) -> int:
-        """3 n D + 2 V D (one shared layer, untied embedding and read-out)."""
-        return 3 * self.n_neurons * self.n_embd + 2 * self.vocab_size * self.n_embd
-
-    # presets and files
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "BDHConfig":
-        if name not in PRESETS:
-            raise UserError(f"unknown BDH preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "BDHConfig":
+    def from_name(cls, name: str, **overrides: Any):
+        if name not in cls.presets:
+            family = cls.__name__.removesuffix("Config")
+            raise UserError(f"unknown {family} preset {name!r}; choose one of: {', '.join(cls.presets)}")
+        return cls.from_dict({**cls.presets[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UserError(f"unknown BDHConfig field(s): {', '.join(unknown)}")
+            raise UserError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
         return cls(**values)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "BDHConfig":
+    def from_file(cls, path: str | Path):
+        """A config from a JSON or YAML file of field values."""
         path = Path(path)
         try:
             text = path.read_text()
@@ -138,15 +66,143 @@ class BDHConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # what callers ask of a family without building the model (see bdh.protocol.LanguageModel)
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model can take (None: unbounded)."""
+        return None
 
-def alibi_decays(n_head: int) -> list[float]:
-    """ALiBi slopes m_h = 2^(-8h/nh) read as a per-token state decay exp(-m_h)."""
-    return [math.exp(-(2.0 ** (-8.0 * h / n_head))) for h in range(1, n_head + 1)]
+    @property
+    def carries_state(self) -> bool:
+        """Whether the state can be carried across consecutive batches (stream mode)."""
+        return True
+
+    # checks
+    def _fail(self, name: str, requirement: str, value: Any) -> None:
+        raise UserError(f"{type(self).__name__}.{name} must {requirement}, got {value!r}")
+
+    def _check_positive_ints(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                self._fail(name, "be a positive integer", value)
+
+    def _check_choice(self, name: str, choices: tuple) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise UserError(f"{type(self).__name__}.{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+    def _check_probability(self, name: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            self._fail(name, "be in [0, 1)", value)
+
+    def _check_bools(self, *names: str) -> None:
+        for name in names:
+            if not isinstance(getattr(self, name), bool):
+                self._fail(name, "be true or false", getattr(self, name))
+
+    def _check_divisible(self, name: str, by: str) -> None:
+        if getattr(self, name) % getattr(self, by):
+            raise UserError(f"{type(self).__name__}.{name} ({getattr(self, name)}) must be divisible by "
+                            f"{by} ({getattr(self, by)})")
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"BDHConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
+@dataclass
+class BDHConfig(ModelConfig):
+    """BDH-GPU hyper-parameters. The first six fields are the authors' names and defaults."""
+
+    # how many times the one shared layer is applied
+    n_layer: int = 6
+    # D: width of the low-rank "d-space" (embedding / attention value size)
+    n_embd: int = 256
+    # probability of zeroing y before the decoder, training only
+    dropout: float = 0.1
+    # nh: heads; every head has its own N neurons, state and RoPE frequencies
+    n_head: int = 4
+    # N = mlp_internal_dim_multiplier * D / nh; scaling BDH means scaling this
+    mlp_internal_dim_multiplier: int = 128
+    # V: 256 for the byte tokenizer
+    vocab_size: int = 256
+
+    # the form of the linear attention (all give the same result, see bdh/ops): "naive" the
+    # quadratic form (the authors'), "chunked" the linear-in-T form, "recurrent" a token loop,
+    # "auto" the cheaper of naive and chunked for each sequence length
+    attn_impl: str = "auto"
+    # train with the fused layer (bdh.ops.layer: one autograd Function per layer, chunked form):
+    # True, False, or "auto" = wherever it applies (float32, reference layout, no detach_kv,
+    # attn_impl auto or chunked, no activation capture, chunks dividing T)
+    fused: str | bool = "auto"
+    chunk_size: int = CHUNK_SIZE
+    # RoPE base; the reference uses 2**16 with pairs of neurons sharing a frequency
+    rope_theta: float = 65536.0
+    # per-head state decay lambda_h in (0, 1] (paper's U / ALiBi); None = no decay, "alibi" =
+    # lambda_h = exp(-2^(-8 h / nh)), h = 1..nh, the ALiBi slopes read as a multiplicative decay
+    decay: list[float] | str | None = None
+    # "reference": x = relu(v D_x) per layer; "eq8": x accumulates in neuron space (paper Eq. 8)
+    layout: str = "reference"
+    # False gives BDH-Normfree (paper Eq. 7): every LayerNorm becomes the identity
+    layernorm: bool = True
+    # train without backprop through time: stop gradients through keys/queries and values
+    detach_kv: bool = False
+    # matmul dtype under autocast; the recurrent state and the loss stay in float32
+    compute_dtype: str = "float32"
+    # decoding (BDH.step) reads/writes only active neurons' state rows when the fraction of
+    # active RoPE pairs is below this (0 = always dense, 1 = always sparse); exact either way
+    sparse_decode_below: float = 0.1
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # tiny: unit tests. small: the 2-core CPU default (see README "Choosing the small preset").
+        # paper-25m: the authors' reference defaults (25.3 M parameters).
+        "tiny": dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=16, dropout=0.0),
+        "small": dict(n_layer=3, n_embd=192, n_head=4, mlp_internal_dim_multiplier=16, dropout=0.0),
+        "paper-25m": dict(n_layer=6, n_embd=256, n_head=4, mlp_internal_dim_multiplier=128, dropout=0.1),
+    }
+
+    def __post_init__(self) -> None:
+        self._validate()
+        if isinstance(self.decay, str):
+            self.decay = alibi_decays(self.n_head)
+        elif self.decay is not None:
+            self.decay = [float(d) for d in self.decay]
+
+    def _validate(self) -> None:
+        self._check_positive_ints("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier", "vocab_size",
+                                  "chunk_size")
+        self._check_divisible("n_embd", "n_head")
+        if (self.mlp_internal_dim_multiplier * self.n_embd) % self.n_head:
+            raise UserError("BDHConfig: mlp_internal_dim_multiplier * n_embd must be divisible by n_head")
+        self._check_probability("dropout")
+        self._check_choice("attn_impl", ATTN_IMPLS)
+        if self.fused != "auto" and not isinstance(self.fused, bool):
+            self._fail("fused", "be true, false or 'auto'", self.fused)
+        self._check_choice("layout", LAYOUTS)
+        self._check_choice("compute_dtype", DTYPE_NAMES)
+        self._check_bools("layernorm", "detach_kv")
+        if isinstance(self.decay, str) and self.decay != "alibi":
+            raise UserError(f"BDHConfig.decay must be None, 'alibi' or a list of n_head floats, got {self.decay!r}")
+        if isinstance(self.decay, (list, tuple)):
+            if len(self.decay) != self.n_head or not all(0.0 < float(d) <= 1.0 for d in self.decay):
+                raise UserError(f"BDHConfig.decay needs {self.n_head} values in (0, 1], got {self.decay!r}")
+        if not 0.0 <= self.sparse_decode_below <= 1.0:
+            self._fail("sparse_decode_below", "be in [0, 1]", self.sparse_decode_below)
+        if self.rope_theta <= 1.0:
+            self._fail("rope_theta", "be > 1", self.rope_theta)
+
+    # sizes derived from the fields
+    @property
+    def neurons_per_head(self) -> int:
+        """N."""
+        return self.mlp_internal_dim_multiplier * self.n_embd // self.n_head
+
+    @property
+    def n_neurons(self) -> int:
+        """n = nh * N."""
+        return self.n_head * self.neurons_per_head
+
+    def num_params(self) -> int:
+        """3 n D + 2 V D (one shared layer, untied embedding and read-out)."""
+        return 3 * self.n_neurons * self.n_embd + 2 * self.vocab_size * self.n_embd
 
 
 def _load_yaml(text: str) -> Any:
@@ -157,12 +213,3 @@ def _load_yaml(text: str) -> Any:
     except yaml.YAMLError as err:
         raise ValueError(str(err).splitlines()[0]) from None
 
-
-# tiny: unit tests. small: the 2-core CPU default (see README "Choosing the small preset").
-# paper-25m: the authors' reference defaults (25.3 M parameters).
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=16, dropout=0.0),
-    "small": dict(n_layer=3, n_embd=192, n_head=4, mlp_internal_dim_multiplier=16, dropout=0.0),
-    "paper-25m": dict(n_layer=6, n_embd=256, n_head=4, mlp_internal_dim_multiplier=128, dropout=0.1),
-}
-PRESET_NAMES = tuple(PRESETS)

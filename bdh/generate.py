@@ -1,7 +1,9 @@
 """Sampling from any model of the package: prefill the prompt once, then one token at a time.
 
-The model contract is `model(idx, state=state) -> ModelOutput` with the state after the last
-token, so the cost of a new token does not grow with the context (BDH's state is fixed-size).
+Any model of the package will do (bdh.protocol.LanguageModel): `model(idx, state=None)`
+prefills the prompt and returns the state after its last token, then `model.step(token, state)`
+decodes one token at a time, so the cost of a new token does not grow with the context (BDH's
+state is fixed-size; GPT's KV cache grows).
 """
 
 from __future__ import annotations
@@ -88,8 +90,8 @@ def _decode(model, logits, state, max_new_tokens, temperature, top_k, top_p, gen
         if on_token is not None:
             on_token(nxt)
         if step + 1 < max_new_tokens:
-            # the state is generate's own (made by the prefill), so it may be updated in place
-            out = model(nxt, state=state, inplace_state=True)
+            # the state is generate's own (made by the prefill), so step may update it in place
+            out = model.step(nxt, state)
             logits, state = out.logits[:, -1], out.state
     if not tokens:
         return logits.new_zeros(logits.shape[0], 0, dtype=torch.long)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bdh import BDH, BDHConfig, UserError, load_model, save_model
-from bdh.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from bdh.rundir import MODEL_CONFIG_FILE as CONFIG_FILE, WEIGHTS_FILE
 
 
 def test_round_trip_keeps_weights_frequencies_and_config(tmp_path):
@@ -23,7 +23,7 @@ def test_round_trip_keeps_weights_frequencies_and_config(tmp_path):
 def test_failed_save_leaves_previous_model(tmp_path, monkeypatch):
     first = BDH(BDHConfig.from_name("tiny"))
     save_model(first, tmp_path / "m")
-    import bdh.checkpoint as ckpt
+    import bdh.fileio as ckpt
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")

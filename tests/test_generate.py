@@ -26,13 +26,13 @@ def test_teacher_forced_decode_equals_parallel(overrides):
 def test_generate_returns_prompt_then_greedy_tokens():
     model = make_model()
     prompt = torch.randint(0, 256, (2, 5))
-    out = model.generate(prompt, 8, top_k=1)
+    out = generate(model, prompt, 8, top_k=1)
     assert out.shape == (2, 13) and torch.equal(out[:, :5], prompt)
     # greedy continuation equals argmax of the parallel forward over the result
     with torch.no_grad():
         logits = model(out[:, :-1]).logits
     assert torch.equal(logits[:, 4:].argmax(-1), out[:, 5:])
-    assert torch.equal(model.generate(prompt, 8, temperature=0.0), out)
+    assert torch.equal(generate(model, prompt, 8, temperature=0.0), out)
 
 
 def test_batched_prompts_of_different_lengths_match_single_prompts():
@@ -40,15 +40,15 @@ def test_batched_prompts_of_different_lengths_match_single_prompts():
     prompts = [torch.randint(0, 256, (n,)) for n in (3, 9, 1)]
     batched = generate(model, prompts, 6, top_k=1)
     for prompt, row in zip(prompts, batched):
-        alone = model.generate(prompt[None], 6, top_k=1)[0]
+        alone = generate(model, prompt[None], 6, top_k=1)[0]
         assert torch.equal(row, alone)
 
 
 def test_sampling_is_reproducible_with_a_generator():
     model = make_model()
     prompt = torch.randint(0, 256, (1, 4))
-    a = model.generate(prompt, 10, top_p=0.9, generator=torch.Generator().manual_seed(7))
-    b = model.generate(prompt, 10, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    a = generate(model, prompt, 10, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    b = generate(model, prompt, 10, top_p=0.9, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
 
 
@@ -74,15 +74,17 @@ def test_generation_cost_does_not_depend_on_context_length():
     """Decoding works from the fixed-size state: the model is never called on the prefix again."""
     model = make_model()
     lengths = []
-    original = model.forward
+    original_forward, original_step = model.forward, model.step
 
-    def spy(idx, *args, **kwargs):
-        lengths.append(idx.shape[1])
-        return original(idx, *args, **kwargs)
+    def spy(original, kind):
+        def call(idx, *args, **kwargs):
+            lengths.append((kind, idx.shape[1]))
+            return original(idx, *args, **kwargs)
+        return call
 
-    model.forward = spy
-    model.generate(torch.randint(0, 256, (1, 50)), 5)
-    assert lengths == [50, 1, 1, 1, 1]
+    model.forward, model.step = spy(original_forward, "forward"), spy(original_step, "step")
+    generate(model, torch.randint(0, 256, (1, 50)), 5)
+    assert lengths == [("forward", 50)] + [("step", 1)] * 4
 
 
 def silence_most_neurons(model, keep=0.2):
@@ -104,31 +106,35 @@ def test_inplace_decode_equals_functional_decode(threshold, overrides):
         state = ref_state.clone()
         for token in torch.randint(0, 256, (5, 3, 1)):
             ref = model(token, state=ref_state)
-            out = model(token, state=state, inplace_state=True)
+            out = model.step(token, state)
             assert rel_err(out.logits, ref.logits) < 1e-5
             assert out.state.rho[0] is state.rho[0]  # updated in place, not copied
+            assert torch.equal(out.state.pos, ref.state.pos)
             ref_state, state = ref.state, out.state
         for r, r_ref in zip(state.rho, ref_state.rho):
             assert rel_err(r, r_ref) < 1e-5
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0], ids=["dense", "sparse"])
-def test_hooks_see_the_same_activations_when_decoding_in_place(threshold):
+def test_capture_sees_the_same_activations_when_decoding_in_place(threshold):
     model = make_model(sparse_decode_below=threshold)
     seen = {"x": [], "a": [], "y": []}
-    for site in seen:
-        getattr(model, f"hook_{site}").register_forward_hook(lambda m, i, out, site=site: seen[site].append(out.clone()))
+
+    def record(site, layer, out):
+        assert layer == len(seen[site])
+        seen[site].append(out.clone())
+
     with torch.no_grad():
         silence_most_neurons(model)
         state = model(torch.randint(0, 256, (2, 4))).state
         token = torch.tensor([[5], [9]])
-        for values in seen.values():
-            values.clear()
-        model(token, state=state.clone())
+        with model.capture(record):
+            model(token, state=state.clone())
         plain = {site: list(values) for site, values in seen.items()}
         for values in seen.values():
             values.clear()
-        model(token, state=state, inplace_state=True)
+        with model.capture(record):
+            model.step(token, state)
     for site in seen:
         assert len(seen[site]) == len(plain[site]) == model.config.n_layer
         for got, want in zip(seen[site], plain[site]):
@@ -143,7 +149,7 @@ def test_sparse_decode_touches_only_active_rows():
         state = model(torch.randint(0, 256, (1, 4))).state
         before = [r.clone() for r in state.rho]
         x = torch.relu(torch.einsum("bd,hdn->bhn", model._ln(model.embed(torch.tensor([7]))), model.encoder))
-        model(torch.tensor([[7]]), state=state, inplace_state=True)
+        model.step(torch.tensor([[7]]), state)
     changed = (state.rho[0] != before[0]).any(dim=-1)[0]  # nh, N: rows written in layer 0
     pair_active = (x[0].unflatten(-1, (-1, 2)) != 0).any(-1).repeat_interleave(2, dim=-1)
     assert changed.any() and not (changed & ~pair_active).any()
@@ -157,10 +163,10 @@ def test_sparse_decode_sees_weight_updates():
         silence_most_neurons(model)
         state = model(torch.randint(0, 256, (1, 4))).state
         token = torch.tensor([[7]])
-        model(token, state=state.clone(), inplace_state=True)  # builds the copy
+        model.step(token, state.clone())  # builds the copy
         model.encoder_v.mul_(1.5)
         ref = model(token, state=state.clone())
-        out = model(token, state=state.clone(), inplace_state=True)
+        out = model.step(token, state.clone())
     assert rel_err(out.logits, ref.logits) < 1e-5
 
 
@@ -168,6 +174,6 @@ def test_bfloat16_decoding_runs_with_a_float32_state():
     model = make_model(compute_dtype="bfloat16")
     with torch.no_grad():
         state = model(torch.randint(0, 256, (2, 5))).state
-        out = model(torch.tensor([[3], [4]]), state=state, inplace_state=True)
+        out = model.step(torch.tensor([[3], [4]]), state)
     assert out.logits.shape == (2, 1, 256) and torch.isfinite(out.logits).all()
     assert all(r.dtype == torch.float32 for r in out.state.rho)

@@ -178,14 +178,21 @@ def test_fused_training_path_equals_op_by_op(overrides):
         assert rel_err(a, b) < 1e-6  # logits come back in float32
 
 
-def test_fused_path_steps_aside_for_hooks():
+def test_engine_follows_the_config_and_an_explicit_capture():
     model = make_model()
-    assert model._fused_chunk(16) == 16
-    handle = model.hook_y.register_forward_hook(lambda *args: None)
-    assert model._fused_chunk(16) is None
-    handle.remove()
-    assert make_model(layout="eq8")._fused_chunk(16) is None
-    assert make_model(attn_impl="chunked")._fused_chunk(16) is None
+    assert model.engine(16) == "fused:16"
+    with model.capture(lambda *args: None):
+        assert model._fused_chunk(16) is None and model.engine(16) in ("naive", "chunked")
+    assert model.engine(16) == "fused:16"
+    model.register_forward_hook(lambda *args: None)  # a hook alone changes nothing
+    assert model.engine(16) == "fused:16"
+    assert make_model(layout="eq8").engine(16) in ("naive", "chunked")
+    assert make_model(attn_impl="chunked").engine(16) == "fused:16"
+    assert make_model(attn_impl="chunked", fused=False).engine(16) == "chunked"
+    assert make_model(attn_impl="naive").engine(16) == "naive"
+    assert make_model(fused=False).engine(1) == "recurrent"
+    with pytest.raises(UserError, match="fused=True needs"):
+        make_model(layout="eq8", fused=True)(torch.zeros(1, 16, dtype=torch.long))
 
 
 def test_detach_kv_stops_gradient_through_keys_and_values():

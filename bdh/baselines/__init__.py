@@ -1,4 +1,4 @@
-"""The models BDH is compared against, with BDH's call contract (baselines-spec.md)."""
+"""The models BDH is compared against, each a family with BDH's call contract (bdh.protocol)."""
 
 from bdh.baselines.gpt import GPT, GPTConfig, KVCache
 from bdh.baselines.match import match_gpt_config, param_report

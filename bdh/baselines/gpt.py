@@ -1,4 +1,4 @@
-"""GPT-2-style baseline (baselines-spec.md section 1), with the same call contract as BDH.
+"""GPT-2-style baseline (the paper's Transformer baseline, its Section 4.2), with BDH's call contract.
 
 token embedding (+ learned positions, or ALiBi biases inside attention) -> n_layer pre-LN blocks
 of causal softmax self-attention and a 4D GELU MLP -> final LN -> lm_head (tied to the token
@@ -17,23 +17,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdh.checkpoint import load_named_tensors
+from bdh.config import ModelConfig
 from bdh.errors import UserError
-from bdh.outputs import ModelOutput, next_positions, next_token_loss
-from bdh.precision import COMPUTE_DTYPES, autocast_for
+from bdh.ops.alibi import alibi_slopes
+from bdh.precision import DTYPE_NAMES, autocast_for
+from bdh.protocol import ModelOutput, load_named_tensors, next_positions, next_token_loss
+from bdh.state import TensorState
 
 POS_ENCODINGS = ("learned", "alibi")
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ModelConfig):
     """nanoGPT's hyper-parameters, plus the ALiBi / carried-cache variant of the paper's comparison."""
 
     # number of transformer blocks
@@ -59,23 +60,36 @@ class GPTConfig:
     # matmul dtype under autocast; logits and the loss stay in float32
     compute_dtype: str = "float32"
 
+    # tiny: unit tests (< 100k parameters). small and paper-25m: within 5% of the BDH presets of
+    # the same name (bdh.baselines.match.match_gpt_config picks these shapes; tests check the
+    # counts). gpt2: the 124M GPT-2 shape (pass vocab_size for a BPE tokenizer).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(n_layer=2, n_embd=32, n_head=2, block_size=64),
+        "small": dict(n_layer=4, n_embd=192, n_head=4, block_size=512),
+        "paper-25m": dict(n_layer=8, n_embd=512, n_head=8, block_size=512, dropout=0.1),
+        "gpt2": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024),
+    }
+
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        self._check_positive_ints("n_layer", "n_embd", "n_head", "vocab_size", "block_size")
         k = self.kv_cache_size
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise UserError(f"GPTConfig.kv_cache_size must be an integer >= 0 (0 = unlimited), got {k!r}")
-        if self.n_embd % self.n_head:
-            raise UserError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("bias", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise UserError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
-        _check_choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
-        _check_choice("compute_dtype", self.compute_dtype, tuple(COMPUTE_DTYPES))
+            self._fail("kv_cache_size", "be an integer >= 0 (0 = unlimited)", k)
+        self._check_divisible("n_embd", "n_head")
+        self._check_probability("dropout")
+        self._check_bools("bias", "tie_embeddings")
+        self._check_choice("pos_encoding", POS_ENCODINGS)
+        self._check_choice("compute_dtype", DTYPE_NAMES)
+
+    @property
+    def max_positions(self) -> int | None:
+        """Learned position embeddings end at block_size; ALiBi has no limit."""
+        return self.block_size if self.pos_encoding == "learned" else None
+
+    @property
+    def carries_state(self) -> bool:
+        """A carried cache needs positions that go on (ALiBi) and a bounded window (kv_cache_size)."""
+        return self.pos_encoding == "alibi" and self.kv_cache_size > 0
 
     @property
     def head_size(self) -> int:
@@ -93,49 +107,9 @@ class GPTConfig:
         positions = self.block_size * D if self.pos_encoding == "learned" else 0
         return body + V * D * (1 if self.tie_embeddings else 2) + positions
 
-    # presets and files
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "GPTConfig":
-        if name not in PRESETS:
-            raise UserError(f"unknown GPT preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown GPTConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"GPTConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-# tiny: unit tests (< 100k parameters). small and paper-25m: within 5% of the BDH presets of the
-# same name (bdh.baselines.match.match_gpt_config picks these shapes; tests check the counts).
-# gpt2: the 124M GPT-2 shape (pass vocab_size for a BPE tokenizer).
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(n_layer=2, n_embd=32, n_head=2, block_size=64),
-    "small": dict(n_layer=4, n_embd=192, n_head=4, block_size=512),
-    "paper-25m": dict(n_layer=8, n_embd=512, n_head=8, block_size=512, dropout=0.1),
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024),
-}
-PRESET_NAMES = tuple(PRESETS)
-
-
-def alibi_slopes(n_head: int) -> torch.Tensor:
-    """m_h = 2^(-8h/nh), h = 1..nh: the slopes of the ALiBi paper (and of BDHConfig.decay='alibi')."""
-    return torch.tensor([2.0 ** (-8.0 * h / n_head) for h in range(1, n_head + 1)])
-
 
 @dataclass
-class KVCache:
+class KVCache(TensorState):
     """Keys and values of every layer, plus the absolute position of the next token.
 
     Entries are right-aligned: slot j of S holds the token S - j places before the next one, in
@@ -143,9 +117,8 @@ class KVCache:
     slots empty (masked). Sequences of different lengths therefore share one tensor.
     """
 
-    k: list[torch.Tensor]  # L x (B, nh, S, hd)
-    v: list[torch.Tensor]  # L x (B, nh, S, hd)
-    pos: torch.Tensor  # (B,) int64
+    k: list[torch.Tensor] = dataclasses.field(default_factory=list)  # L x (B, nh, S, hd)
+    v: list[torch.Tensor] = dataclasses.field(default_factory=list)  # L x (B, nh, S, hd)
 
     @classmethod
     def empty(cls, n_layer: int, batch_size: int, n_head: int, head_size: int, device=None,
@@ -153,31 +126,13 @@ class KVCache:
         def blank():
             return torch.zeros(batch_size, n_head, 0, head_size, device=device, dtype=dtype)
 
-        return cls([blank() for _ in range(n_layer)], [blank() for _ in range(n_layer)],
-                   torch.zeros(batch_size, dtype=torch.long, device=device))
-
-    @property
-    def batch_size(self) -> int:
-        return self.pos.shape[0]
+        return cls(k=[blank() for _ in range(n_layer)], v=[blank() for _ in range(n_layer)],
+                   pos=torch.zeros(batch_size, dtype=torch.long, device=device))
 
     @property
     def size(self) -> int:
         """S: cached slots per row (some may be empty in rows with pos < S)."""
         return self.k[0].shape[2] if self.k else 0
-
-    def detach(self) -> "KVCache":
-        """Cut the graph (the carried cache gets no gradient) without copying."""
-        return KVCache([k.detach() for k in self.k], [v.detach() for v in self.v], self.pos.detach())
-
-    def to(self, device) -> "KVCache":
-        return KVCache([k.to(device) for k in self.k], [v.to(device) for v in self.v], self.pos.to(device))
-
-    def clone(self) -> "KVCache":
-        return KVCache([k.clone() for k in self.k], [v.clone() for v in self.v], self.pos.clone())
-
-    def select(self, rows) -> "KVCache":
-        """The caches of some sequences of the batch."""
-        return KVCache([k[rows] for k in self.k], [v[rows] for v in self.v], self.pos[rows])
 
     @classmethod
     def cat(cls, states: list["KVCache"]) -> "KVCache":
@@ -187,46 +142,16 @@ class KVCache:
         def pad(t):  # B, nh, S_i, hd -> B, nh, S, hd
             return F.pad(t, (0, 0, S - t.shape[2], 0))
 
-        k = [torch.cat([pad(t) for t in layer]) for layer in zip(*(s.k for s in states))]
-        v = [torch.cat([pad(t) for t in layer]) for layer in zip(*(s.v for s in states))]
-        return cls(k, v, torch.cat([s.pos for s in states]))
+        return super().cat([KVCache(k=[pad(t) for t in s.k], v=[pad(t) for t in s.v], pos=s.pos) for s in states])
 
     def reset_rows(self, mask: torch.Tensor) -> "KVCache":
         """Start the rows where mask (B,) is True over: position 0, so their old entries are masked."""
-        return KVCache(list(self.k), list(self.v), torch.where(mask, 0, self.pos))
+        return KVCache(k=list(self.k), v=list(self.v), pos=torch.where(mask, 0, self.pos))
 
     def filled(self) -> torch.Tensor:
         """(B, S) True where a slot holds a token of the row's sequence."""
         back = torch.arange(self.size, 0, -1, device=self.pos.device)  # S: how far back each slot is
         return back[None] <= self.pos[:, None]
-
-    # persistence: plain tensors in safetensors, nothing is unpickled
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        tensors = {f"k.{i}": k.detach().contiguous() for i, k in enumerate(self.k)}
-        tensors.update({f"v.{i}": v.detach().contiguous() for i, v in enumerate(self.v)})
-        tensors["pos"] = self.pos.detach().contiguous()
-        return tensors
-
-    @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor]) -> "KVCache":
-        n_layer = sum(1 for key in tensors if key.startswith("k."))
-        try:
-            k = [tensors[f"k.{i}"] for i in range(n_layer)]
-            v = [tensors[f"v.{i}"] for i in range(n_layer)]
-            return cls(k, v, tensors["pos"].long())
-        except KeyError as err:
-            raise UserError(f"KV cache is missing tensor {err.args[0]!r}") from None
-
-    def save(self, path: str | Path) -> None:
-        from bdh.checkpoint import save_tensors
-
-        save_tensors(self.state_dict(), Path(path))
-
-    @classmethod
-    def load(cls, path: str | Path, device=None) -> "KVCache":
-        from bdh.checkpoint import load_tensors
-
-        return cls.from_state_dict(load_tensors(Path(path), device=device))
 
 
 class CausalSelfAttention(nn.Module):
@@ -285,6 +210,8 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     model_type = "gpt"
+    config_class = GPTConfig
+    activation_sites = ()
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -298,7 +225,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(modules)
         # tied: the logits reuse wte.weight, so the weight is stored once (safetensors refuses aliases)
         self.lm_head = None if config.tie_embeddings else nn.Linear(D, config.vocab_size, bias=False)
-        slopes = alibi_slopes(config.n_head) if config.pos_encoding == "alibi" else None
+        slopes = torch.tensor(alibi_slopes(config.n_head)) if config.pos_encoding == "alibi" else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.reset_parameters()
 
@@ -329,19 +256,25 @@ class GPT(nn.Module):
             total -= self.lm_head.weight.numel()
         return total
 
+    @property
+    def max_positions(self) -> int | None:
+        return self.config.max_positions
+
+    @property
+    def carries_state(self) -> bool:
+        return self.config.carries_state
+
     def init_state(self, batch_size: int, device=None) -> KVCache:
         c = self.config
         device = device if device is not None else self.transformer.wte.weight.device
         return KVCache.empty(c.n_layer, batch_size, c.n_head, c.head_size, device)
 
     # forward
-    def forward(self, idx: torch.Tensor, targets=None, state: KVCache | None = None, return_state: bool = True,
-                inplace_state: bool = False):
+    def forward(self, idx: torch.Tensor, targets=None, state: KVCache | None = None, return_state: bool = True):
         """idx (B, T) -> ModelOutput(logits (B, T, V), loss or None, KV cache after the last token).
 
         With a state, the tokens continue the sequences it holds (positions continue too). Pass
         return_state=False to skip building the outgoing cache when it is not needed.
-        inplace_state is accepted for the shared call contract; the cache grows by concatenation.
         """
         B, T = idx.shape
         self._check_state(state, B)
@@ -349,7 +282,7 @@ class GPT(nn.Module):
             logits, kv = self._layers(idx, state, return_state)
         new_state = None
         if return_state:
-            new_state = KVCache([k for k, _ in kv], [v for _, v in kv], next_positions(state, B, T, idx.device))
+            new_state = KVCache(k=[k for k, _ in kv], v=[v for _, v in kv], pos=next_positions(state, B, T, idx.device))
         return ModelOutput(logits=logits.float(), loss=next_token_loss(logits, targets), state=new_state)
 
     def _layers(self, idx, state, return_state):
@@ -415,13 +348,11 @@ class GPT(nn.Module):
             raise UserError(f"state does not fit this model: expected {c.n_layer} layers of (B, nh, S, hd) = "
                             f"({batch_size}, {c.n_head}, S, {c.head_size}), got {len(state.k)} of {tuple(state.k[0].shape) if state.k else ()}")
 
-    # generation
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None, generator=None):
-        """Prefill the prompt once, then decode token by token with the KV cache. See bdh.generate."""
-        from bdh.generate import generate
-
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    def step(self, idx: torch.Tensor, state: KVCache) -> ModelOutput:
+        """One token per sequence (B, 1) on top of the cache: the sequence path with T = 1 (the
+        cache grows by concatenation, so a new one is returned)."""
+        return self(idx, state=state)
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Copy tensors in by name, with an error naming any missing, extra or misshapen key."""

@@ -1,4 +1,4 @@
-"""Pick a GPT of the same size as a BDH (baselines-spec.md: match parameter counts within 5%)."""
+"""Pick a GPT of the same size as a BDH (the paper compares at equal parameter counts; within 5% here)."""
 
 from __future__ import annotations
 
@@ -98,9 +98,7 @@ def _shape_cost(n_layer: int, n_embd: int, n_head: int) -> float:
 
 def param_report(model) -> dict[str, Any]:
     """Parameter counts of any model of the package, with and without embeddings."""
-    from bdh.checkpoint import model_type_of
-
     total = model.num_params()
     body = model.num_params(embeddings=False)
-    return {"model_type": model_type_of(model), "params": total, "params_without_embeddings": body,
+    return {"model_type": model.model_type, "params": total, "params_without_embeddings": body,
             "embedding_params": total - body}

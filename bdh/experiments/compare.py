@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
+from bdh.baselines import GPTConfig, match_gpt_config
 from bdh.errors import UserError
 from bdh.experiments import plots, runs
 from bdh.experiments.runs import RunPlan, fmt
@@ -26,13 +27,10 @@ FIG_TIME = "val_loss_vs_time.png"
 
 def gpt_train_config(cfg: TrainConfig, bdh_model, gpt_fixed: dict[str, Any], out: Path) -> TrainConfig:
     """The GPT run of a comparison: cfg with the matched GPT as its model."""
-    from bdh.baselines import match_gpt_config
-    from bdh.baselines.gpt import PRESETS
-
     fixed = {"block_size": cfg.block_size, "compute_dtype": bdh_model.compute_dtype, **gpt_fixed}
     gpt = match_gpt_config(bdh_model, **fixed)
     # every field is given, so the preset only names the run
-    preset = cfg.preset if cfg.preset in PRESETS else "small"
+    preset = cfg.preset if cfg.preset in GPTConfig.presets else "small"
     return dataclasses.replace(cfg, model_type="gpt", preset=preset, model_overrides=gpt.to_dict(), out=str(out))
 
 

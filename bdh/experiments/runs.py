@@ -22,8 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from bdh import registry
+from bdh.baselines import param_report
+from bdh.data import encode_prompt, load_corpus, make_tokenizer, tokenize_corpus
 from bdh.errors import UserError
+from bdh.fileio import read_json, write_json
+from bdh.precision import resolve_device
+from bdh.rundir import RunDir, read_trainer_state
+from bdh.train import checkpoint as ckpt_io
 from bdh.train.args import TrainConfig
+from bdh.train.distributed import DistEnv
+from bdh.train.evaluate import check_eval_length
+from bdh.train.loop import TrainingDiverged, TrainingInterrupted, build_model_config, check_model_fits, make_batches, train
 
 # settings that may differ between attempts at the same run: where it is and how it is run;
 # max_minutes is the time left of the budget, which shrinks from one attempt to the next
@@ -50,6 +62,10 @@ class RunPlan:
     def run_dir(self) -> Path:
         return self.cfg.out_dir
 
+    @property
+    def rundir(self) -> RunDir:
+        return RunDir(self.cfg.out_dir)
+
 
 @dataclass
 class RunStatus:
@@ -68,13 +84,6 @@ def preflight_data(cfg: TrainConfig) -> int:
 
     The tokenized corpus lands in the token cache, so the training runs find it there.
     """
-    import torch
-
-    from bdh.data import encode_prompt, load_corpus, make_tokenizer, tokenize_corpus
-    from bdh.train.distributed import DistEnv
-    from bdh.train.evaluate import check_eval_length
-    from bdh.train.loop import make_batches
-
     corpus = load_corpus(cfg.data, val_fraction=cfg.val_fraction)
     tokenizer = make_tokenizer(cfg.tokenizer, corpus.train)
     if cfg.sample_tokens:
@@ -87,11 +96,8 @@ def preflight_data(cfg: TrainConfig) -> int:
 
 def check_model(cfg: TrainConfig, vocab_size: int):
     """The model config the run will build, checked against the device and batch settings."""
-    from bdh.train.distributed import DistEnv
-    from bdh.train.loop import build_model_config, check_model_fits, resolve_device
-
     config = build_model_config(cfg, vocab_size)
-    check_model_fits(cfg, config, resolve_device(cfg.device, DistEnv()))
+    check_model_fits(cfg, config, resolve_device(cfg.device))
     return config
 
 
@@ -109,22 +115,20 @@ def check_experiment_dir(directory: Path) -> None:
 
 def inspect_run(plan: RunPlan, overwrite: bool) -> RunStatus:
     """How far an earlier attempt at this run got; refuses a directory holding a different run."""
-    from bdh.train import checkpoint as ckpt_io
-    from bdh.train.loop import CONFIG_OUT_FILE, RUN_MARKERS
-
-    out = plan.run_dir
+    rundir = plan.rundir
+    out = rundir.path
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory")
-    if not any((out / name).exists() for name in RUN_MARKERS):
+    if not rundir.holds_run():
         return RunStatus("new")
     if overwrite:
         return RunStatus("restart")
-    saved = _saved_train_config(out / CONFIG_OUT_FILE)
+    saved = _saved_train_config(rundir)
     differ = differences(saved, plan.cfg.to_dict())
     if differ:
         raise UserError(f"{out} holds a run with other settings ({differ}): pass --overwrite to start over, "
                         "or choose another --out")
-    if not (out / ckpt_io.LATEST_FILE).is_file():
+    if rundir.latest() is None:
         # killed before its first checkpoint: nothing to resume
         return RunStatus("restart")
     state = ckpt_io.load_checkpoint(out).state
@@ -140,13 +144,12 @@ def is_finished(cfg: TrainConfig, step: int, elapsed_s: float) -> bool:
     return cfg.max_minutes is not None and elapsed_s >= cfg.max_minutes * 60
 
 
-def _saved_train_config(path: Path) -> dict[str, Any]:
-    from bdh.checkpoint import read_json
-
+def _saved_train_config(rundir: RunDir) -> dict[str, Any]:
+    path = rundir.train_config_file
     if not path.is_file():
         raise UserError(f"{path.parent} holds a run whose {path.name} is missing: pass --overwrite to start over, "
                         "or choose another --out")
-    saved = read_json(path)
+    saved = rundir.read_train_config()
     train = saved.get("train") if isinstance(saved, dict) else None
     if not isinstance(train, dict):
         raise UserError(f"{path} holds no 'train' mapping: pass --overwrite to start over, or choose another --out")
@@ -209,8 +212,6 @@ def run_in_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def execute(spec: dict[str, Any]) -> dict[str, Any]:
     """Train as the spec says, in this process; a report instead of an exception."""
-    from bdh.train.loop import TrainingDiverged, TrainingInterrupted, train
-
     try:
         cfg = TrainConfig.from_dict(spec["config"])
         result = train(cfg, resume=spec.get("resume"), overwrite=bool(spec.get("overwrite")))
@@ -239,11 +240,8 @@ def peak_memory() -> dict[str, float | None]:
         scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB elsewhere
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
     cuda = None
-    if "torch" in sys.modules:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            cuda = torch.cuda.max_memory_allocated() / 2**20
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.max_memory_allocated() / 2**20
     return {"peak_rss_mib": rss, "peak_cuda_mib": cuda}
 
 
@@ -252,17 +250,14 @@ def peak_memory() -> dict[str, float | None]:
 
 def summarize(run_dir: Path) -> dict[str, Any]:
     """Parameters, validation curve, final and best loss, throughput and time of a run directory."""
-    from bdh.checkpoint import read_json
-    from bdh.train import checkpoint as ckpt_io
-    from bdh.train.loop import CONFIG_OUT_FILE, METRICS_FILE
-
-    resolved = read_json(run_dir / CONFIG_OUT_FILE)
-    records = ckpt_io.read_jsonl(run_dir / METRICS_FILE)
-    state = ckpt_io.read_trainer_state(run_dir) or {}
+    rundir = RunDir(run_dir)
+    resolved = rundir.read_train_config()
+    records = rundir.read_metrics()
+    state = read_trainer_state(run_dir) or {}
     curve = [{"step": r["step"], "tokens": r["tokens"], "elapsed_s": r["elapsed_s"], "val_loss": r["val_loss"],
               "val_bpb": r["val_bpb"]} for r in records if "val_loss" in r]
     if not curve:
-        raise UserError(f"{run_dir / METRICS_FILE} holds no validation loss")
+        raise UserError(f"{rundir.metrics_file} holds no validation loss")
     final, best = curve[-1], min(curve, key=lambda p: p["val_loss"])
     model = dict(resolved["model"])
     cfg = resolved["train"]
@@ -280,15 +275,10 @@ def summarize(run_dir: Path) -> dict[str, Any]:
 def param_counts(model: dict[str, Any]) -> dict[str, int]:
     """Parameters with and without embeddings of a model config dict (with its model_type),
     counted on the model itself, built on the meta device (no memory, no initialisation)."""
-    import torch
-
-    from bdh.baselines import param_report
-    from bdh.checkpoint import model_classes
-
     values = {k: v for k, v in model.items() if k != "model_type"}
-    config_cls, model_cls = model_classes(model["model_type"])
+    model_class = registry.get(model["model_type"])
     with torch.device("meta"):
-        report = param_report(model_cls(config_cls.from_dict(values)))
+        report = param_report(model_class(model_class.config_class.from_dict(values)))
     return {"params": report["params"], "params_without_embeddings": report["params_without_embeddings"]}
 
 
@@ -312,8 +302,6 @@ class Manifest:
     """A JSON record of an experiment, rewritten atomically after every run."""
 
     def __init__(self, path: Path):
-        from bdh.checkpoint import read_json
-
         self.path = path
         self.data: dict[str, Any] = {"runs": {}}
         if path.is_file():
@@ -329,8 +317,6 @@ class Manifest:
         return self.data["runs"]
 
     def save(self) -> None:
-        from bdh.checkpoint import write_json
-
         write_json(self.path, self.data)
 
 
@@ -343,7 +329,7 @@ def record_run(manifest: Manifest, name: str, run_dir: Path, report: dict[str, A
         values = [v for v in (earlier.get(key), (report or {}).get(key)) if v is not None]
         summary[key] = max(values) if values else None
     summary["run_dir"] = run_dir.name
-    summary["metrics"] = f"{run_dir.name}/metrics.jsonl"
+    summary["metrics"] = f"{run_dir.name}/{RunDir(run_dir).metrics_file.name}"
     summary["status"] = "done"
     manifest.runs[name] = summary
     manifest.save()
@@ -375,8 +361,6 @@ def describe_training(s: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    import torch
-
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

@@ -12,11 +12,11 @@ import time
 import traceback
 from pathlib import Path
 
+from bdh.experiments.runs import execute, peak_memory
+from bdh.fileio import write_json
+
 
 def main(argv: list[str]) -> int:
-    from bdh.checkpoint import write_json
-    from bdh.experiments.runs import execute, peak_memory
-
     spec_path, report_path = (Path(a) for a in argv)
     start = time.monotonic()
     report = {"status": "crashed", "message": "no result"}

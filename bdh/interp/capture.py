@@ -1,8 +1,10 @@
 """Activation capture: per-layer, per-head x, y and attention read-outs, without editing the model.
 
-BDH calls its identity modules `hook_x`, `hook_a` and `hook_y` once per layer in every forward,
-so a forward hook that counts its calls knows the layer it is in. `ActivationCapture` registers
-such hooks for the sites and layers asked for and removes them on exit; `stream_activations`
+A model that lists activation sites (BDH: "x", "a", "y"; see bdh.protocol) calls the callback
+given to `model.capture(callback)` with (site, layer, tensor) for every layer of every forward
+and decoding step run inside it; that explicit request is also what makes BDH run its op-by-op
+layer, the one whose activations exist. `ActivationCapture` keeps the sites and layers asked
+for while it is entered; `stream_activations`
 reads a long text in chunks, carrying the recurrent state, and yields one chunk's activations at
 a time, so memory stays bounded by the chunk, never by the text.
 
@@ -68,37 +70,29 @@ class ActivationCapture:
         self.heads = None if heads is None else list(heads)
         self.keep, self.callback, self.device = keep, callback, device
         self.records: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
-        self._calls: dict[str, int] = {}
-        self._handles: list = []
 
     def __enter__(self) -> "ActivationCapture":
-        # every forward starts counting layers from 0 again, even after an interrupted one
-        self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self._calls.clear()))
-        for site in self.sites:
-            module = getattr(self.model, f"hook_{site}")
-            self._handles.append(module.register_forward_hook(self._hook(site)))
+        missing = [site for site in self.sites if site not in self.model.activation_sites]
+        if missing:
+            raise ValueError(f"a {self.model.model_type} model has no activation site(s) {missing}")
+        self._context = self.model.capture(self._record)
+        self._context.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._context.__exit__(*exc)
 
-    def _hook(self, site: str):
-        def hook(module, inputs, output):
-            layer = self._calls.get(site, 0)
-            self._calls[site] = layer + 1
-            if self.layers is not None and layer not in self.layers:
-                return
-            t = output.detach()
-            if self.heads is not None:
-                t = t[:, self.heads]
-            t = t.to(device=self.device, dtype=torch.float32)
-            if self.callback is not None:
-                self.callback(site, layer, t)
-            if self.keep:
-                self.records[(site, layer)].append(t)
-        return hook
+    def _record(self, site: str, layer: int, output: torch.Tensor) -> None:
+        if site not in self.sites or (self.layers is not None and layer not in self.layers):
+            return
+        t = output.detach()
+        if self.heads is not None:
+            t = t[:, self.heads]
+        t = t.to(device=self.device, dtype=torch.float32)
+        if self.callback is not None:
+            self.callback(site, layer, t)
+        if self.keep:
+            self.records[(site, layer)].append(t)
 
     def keys(self) -> list[tuple[str, int]]:
         return sorted(self.records)

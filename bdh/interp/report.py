@@ -1,4 +1,4 @@
-"""The inspection report: every measure of bdh-spec.md section 6 for one model and one text.
+"""The inspection report: every measure of the paper's Section 6 for one model and one text.
 
 `build_report` computes the numbers (plain types only, NaN written as null), `write_report` writes
 report.json, the figures (PNG) and report.html, one self-contained page that refers to the PNGs
@@ -33,17 +33,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from bdh.checkpoint import load_model
 from bdh.errors import UserError
 from bdh.interp import figures as figs
 from bdh.interp.capture import run_accumulators, unwrap
-from bdh.interp.concepts import concept_synapses, contrast_set, evaluate_synapses
+from bdh.interp.concepts import concept_synapses, contrast_set, evaluate_synapses, read_sentences
 from bdh.interp.graph import analyse_neuron_graph, degree_summary
+from bdh.interp.html import render_html
 from bdh.interp.sparsity import SparsityAccumulator, sparsity_history
 from bdh.interp.synapses import (
     MAX_SYNAPSE_ENTRIES, SynapseAccumulator, TraceAccumulator, model_decay, save_synapses, synapse_degrees, synapse_dict,
     synapse_summary, top_synapses,
 )
 from bdh.interp.tokens import describe_token
+from bdh.precision import resolve_device
+from bdh.rundir import find_metrics, load_checkpoint_tokenizer
 
 SCHEMA = "bdh.inspect/1"
 SYNAPSE_DEFINITION = ("sigma_l[h][i, j] = sum over tokens tau of lambda_h^(t - tau) y_{tau, l-1}[h, i] x_{tau, l}[h, j]: "
@@ -256,29 +260,74 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     report["figures"] = make_figures(report, out_dir)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     json_path.write_text(json.dumps(plain(report, digits=7), indent=1, allow_nan=False) + "\n")
-    from bdh.interp.html import render_html
-
     html_path.write_text(render_html(report), encoding="utf-8")
     return {"json": json_path, "html": html_path}
 
 
 def inspect(ckpt: str | Path, text_path: str | Path, out_dir: str | Path, max_tokens: int = 8192,
-            log: Callable[[str], None] | None = None, **options) -> dict:
-    """Load a checkpoint and its tokenizer, read a text, build and write the report; returns it."""
-    from bdh.interp.cli import load_text, load_model_and_tokenizer
+            device: str = "auto", metrics: str | Path | None = None, concept_file: str | Path | None = None,
+            control_file: str | Path | None = None, log: Callable[[str], None] | None = None, **options) -> dict:
+    """`bdh inspect`: load a checkpoint and its tokenizer, read a text, build and write the report.
 
-    from bdh.interp.sparsity import find_metrics
-
-    options.setdefault("metrics", find_metrics(ckpt))
-    model, tokenizer = load_model_and_tokenizer(ckpt)
+    metrics: the run's metrics.jsonl (default: found beside the checkpoint); concept_file and
+    control_file: own contrast sets, one sentence per line (default: the shipped money/weather
+    sets); options: the keyword arguments of build_report. Returns the report.
+    """
+    for name in ("chunk_len", "top_k", "candidates", "n_betas", "max_edges", "seeds", "max_synapses"):
+        if name in options and options[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    concept, control, names = _sentences(concept_file, control_file)
+    model, tokenizer = load_model_and_tokenizer(ckpt, device)
     ids, truncated = load_text(tokenizer, text_path, max_tokens)
+    if metrics is None:
+        metrics = find_metrics(ckpt)
+    elif not Path(metrics).is_file():
+        raise UserError(f"no such metrics file: {metrics}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = build_report(model, tokenizer, ids, text_path=str(text_path), truncated=truncated, out_dir=out_dir,
-                          log=log, **options)
+    if log:
+        log(f"{len(ids):,} tokens{' (truncated)' if truncated else ''}, n = {model.config.n_neurons:,} neurons")
+    report = build_report(model, tokenizer, ids, text_path=str(text_path), truncated=truncated, concept=concept,
+                          control=control, contrast_names=names or DEFAULT_CONTRAST, metrics=metrics,
+                          out_dir=out_dir, log=log, **options)
     report["model"]["checkpoint"] = str(ckpt)
     write_report(report, out_dir)
     return report
+
+
+def load_model_and_tokenizer(ckpt, device="auto"):
+    """The model in eval mode on device and the tokenizer saved with it (bytes if none and V = 256)."""
+    model = load_model(ckpt, device=resolve_device(device))
+    if not {"x", "y"} <= set(model.activation_sites):
+        raise UserError(f"{ckpt} holds a {model.model_type} model, whose activations cannot be captured: "
+                        "inspect reads BDH only")
+    return model, load_checkpoint_tokenizer(ckpt, model.config.vocab_size)
+
+
+def load_text(tokenizer, path, max_tokens: int) -> tuple[list[int], bool]:
+    """Token ids of a text file, cut to max_tokens; (ids, whether it was cut)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise UserError(f"no such text file: {path}") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    ids = list(tokenizer.encode(text))
+    if not ids:
+        raise UserError(f"{path} is empty: give a text to read")
+    if max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    return ids[:max_tokens], len(ids) > max_tokens
+
+
+def _sentences(concept, control):
+    if (concept is None) != (control is None):
+        raise UserError("give --concept and --control together (or neither, for the shipped money/weather sets)")
+    if concept is None:
+        return None, None, None
+    names = (Path(concept).stem, Path(control).stem)
+    return read_sentences(concept), read_sentences(control), names
 
 
 def stderr_log(message: str) -> None:

@@ -1,4 +1,4 @@
-"""Sparsity: the fraction of neurons with non-zero x and y, per layer and head (bdh-spec.md section 6).
+"""Sparsity: the fraction of neurons with non-zero x and y, per layer and head (the paper's Section 6).
 
 `sparsity` reads a whole text (streamed) and also keeps, for every token, the fraction of all n
 neurons that are active, so one can see density rise on new material and fall on repeats.
@@ -8,15 +8,14 @@ neurons that are active, so one can see density rise on new material and fall on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bdh.fileio import read_jsonl
 from bdh.interp.capture import ActivationCapture, Chunk, eval_mode, stream_activations, unwrap
 
-METRICS_FILE = "metrics.jsonl"
 
 
 class SparsityAccumulator:
@@ -103,32 +102,10 @@ def sparsity_history(path: str | Path) -> dict | None:
     Returns {"file", "step": [...], "x_nonzero": [...], "y_nonzero": [...]} over the records
     holding those keys, or None when there are none. A line cut short by a crash ends the read.
     """
-    path = Path(path)
-    if not path.is_file():
-        return None
     steps, xs, ys = [], [], []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
+    for record in read_jsonl(Path(path)):
         if isinstance(record, dict) and ("x_nonzero" in record or "y_nonzero" in record):
             steps.append(record.get("step", len(steps)))
             xs.append(record.get("x_nonzero"))
             ys.append(record.get("y_nonzero"))
     return {"file": str(path), "step": steps, "x_nonzero": xs, "y_nonzero": ys} if steps else None
-
-
-def find_metrics(ckpt: str | Path) -> Path | None:
-    """metrics.jsonl of the run a checkpoint belongs to (the run directory, or two levels up)."""
-    from bdh.checkpoint import resolve_checkpoint
-
-    ckpt = Path(ckpt)
-    try:
-        resolved = resolve_checkpoint(ckpt)
-    except Exception:  # no checkpoint there: nothing to find
-        return None
-    for place in (ckpt, resolved, resolved.parent, resolved.parent.parent):
-        if (place / METRICS_FILE).is_file():
-            return place / METRICS_FILE
-    return None

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bdh.errors import UserError
+from bdh.fileio import save_tensors
 from bdh.interp.capture import Chunk, run_accumulators, unwrap
 
 #: refuse to hold more synapse entries than this at once unless told otherwise (4 bytes each)
@@ -57,7 +58,7 @@ def check_size(n_layers: int, n_head: int, N: int, max_entries: int = MAX_SYNAPS
 
 
 def model_decay(model: nn.Module) -> torch.Tensor | None:
-    decay = getattr(unwrap(model), "decay", None)
+    decay = unwrap(model).decay
     return None if decay is None else decay.detach().float().cpu()
 
 
@@ -235,7 +236,6 @@ def synapse_tensors(sigma: dict[int, torch.Tensor], max_dense: int = 1 << 20,
 
 def save_synapses(path: str | Path, sigma: dict[int, torch.Tensor], **kwargs) -> None:
     """Write sigma to a .safetensors file (see synapse_tensors for the layout)."""
-    from bdh.checkpoint import save_tensors
 
     tensors, meta = synapse_tensors(sigma, **kwargs)
     save_tensors(tensors, Path(path), metadata=meta)

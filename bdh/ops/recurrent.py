@@ -1,12 +1,24 @@
-"""Recurrent form: one token at a time, read then write. The form generation uses.
+"""Recurrent form: one token at a time, read then write.
+
+Two kinds of functions live here:
+- recurrent_step / recurrent_attention: the attention alone with the common signature (see
+  bdh.ops.naive), a pure function of its inputs, tested against the token loop there;
+- decode_layer / sparse_decode_layer: one whole BDH layer for one token, updating the state in
+  place: the decoding step (BDH.step) calls them, and the tests hold them equal to the
+  token-by-token loop (bdh.ops.naive.loop_attention) and to the model's sequence forward.
 
 The cost per token is O(N D) per head whatever the context length: the state holds the past.
+Decoding keeps activations as rows (nh, B, X) so that every weight and state is read in place
+by one batched matmul, with few ops per layer (per-op overhead is most of a token's time at
+small sizes).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from bdh.ops.layer import norm
 from bdh.ops.naive import state_dtype
 
 
@@ -68,3 +80,60 @@ def recurrent_attention(q, k, v, initial_state=None, decay=None, output_final_st
         outs.append(o_t)
     o = torch.stack(outs, dim=2)  # B, nh, T, D
     return o, (state if output_final_state else None)
+
+
+def _ln(x, layernorm: bool):
+    return norm(x) if layernorm else x
+
+
+def decode_neurons(v: torch.Tensor, Dx: torch.Tensor) -> torch.Tensor:
+    """x = relu(v D_x) as rows: v (B, D), D_x (nh, D, N) -> (nh, B, N)."""
+    return torch.matmul(v, Dx).relu_()
+
+
+def rotate_rows(x: torch.Tensor, rotors: torch.Tensor) -> torch.Tensor:
+    """RoPE of rows x (nh, B, N) with rotors (nh, 1|B, N/2): the queries (= keys) q (nh, B, N)."""
+    nh, B, N = x.shape
+    pairs = torch.view_as_complex(x.reshape(nh, B, N // 2, 2)) * rotors
+    return torch.view_as_real(pairs).view(nh, B, N)
+
+
+def decode_layer(x, q, v, rho, Dy, E, decay=None, layernorm=True):
+    """One layer of one token, dense: returns (z (B, D), a (nh, B, D), y (nh, B, N)); rho updated in place.
+
+    x, q: rows (nh, B, N); v: (B, D); rho: (B, nh, N, D) float32; Dy: (nh, D, N); E: (nh, N, D);
+    decay: (nh,) or None. Read a = q S, then write S <- lambda (S + q v^T), then
+    y = relu(LN(a) D_y) * x and z = sum_h y_h E_h.
+    """
+    nh, B, N = q.shape
+    D = v.shape[-1]
+    S = rho.view(B * nh, N, D)
+    q_b = q.transpose(0, 1).reshape(B * nh, 1, N).to(S.dtype)  # a copy only when B > 1
+    a = torch.bmm(q_b, S)  # B*nh, 1, D: read, then write
+    S.baddbmm_(q_b.transpose(1, 2), v.to(S.dtype).unsqueeze(1).expand(B, nh, D).reshape(B * nh, 1, D))
+    if decay is not None:
+        S.view(B, nh, N * D).mul_(decay.to(S.dtype).view(1, nh, 1))
+    a = a.view(B, nh, D).transpose(0, 1).to(v.dtype)  # nh, B, D
+    y = torch.matmul(_ln(a, layernorm), Dy).relu_().mul_(x)  # nh, B, N
+    return torch.matmul(y, E).sum(dim=0), a, y  # B, D
+
+
+def sparse_decode_layer(x, q, v, rho, active, Dy_rows, E_rows, layernorm=True):
+    """decode_layer touching only the active neurons: returns (z (B, D), a (B, nh, D), y_active (B, k)).
+
+    active: (k,) indices into nh * N (see active_neurons); Dy_rows: D_y as rows (nh * N, D);
+    E_rows: E (nh * N, D). All heads at once: the state rows, D_y columns and E rows of the
+    active neurons are gathered, each neuron's read-out share is summed into its head, and the
+    gated y of the active neurons is decoded by their E rows. O(k D) instead of O(N D) per
+    head. Exact only without decay (decay rescales every row of the state).
+    """
+    nh, B, N = x.shape
+    D = v.shape[-1]
+    heads = torch.div(active, N, rounding_mode="floor")  # k: the head of each active neuron
+    x_a = x.transpose(0, 1).reshape(B, nh * N)[:, active]  # B, k
+    q_a = q.transpose(0, 1).reshape(B, nh * N)[:, active]
+    reads = sparse_step_inplace(q_a, active, v, rho.view(B, nh * N, D))  # B, k, D
+    a = reads.new_zeros(B, nh, D).index_add_(1, heads, reads).to(v.dtype)  # B, nh, D
+    columns = Dy_rows.index_select(0, active)  # k, D: D_y column of each active neuron
+    y_a = F.relu((_ln(a, layernorm)[:, heads] * columns).sum(dim=-1)) * x_a  # B, k
+    return y_a @ E_rows.index_select(0, active), a, y_a  # B, D

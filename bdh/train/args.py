@@ -15,19 +15,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from bdh import registry
 from bdh.errors import UserError
+from bdh.precision import DTYPE_NAMES, check_device_name
 
-MODEL_TYPES = ("bdh", "gpt")
 DECAYS = ("cosine", "linear", "constant")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class TrainConfig:
     """Everything `bdh train` needs besides the model's own hyper-parameters."""
 
-    model_type: str = field(default="bdh", metadata={"flag": "--model", "choices": MODEL_TYPES})
-    """which model to train: bdh, or the gpt baseline"""
+    model_type: str = field(default="bdh", metadata={"flag": "--model", "choices": registry.names()})
+    """which model family to train: bdh, or a baseline (bdh.registry)"""
     preset: str = "small"
     """named model preset (bdh: tiny, small, paper-25m)"""
     model_overrides: dict = field(default_factory=dict, metadata={"flag": None})
@@ -89,8 +89,8 @@ class TrainConfig:
     compile: bool = False
     """compile the model with torch.compile (slow to start, faster steps)"""
     device: str = "auto"
-    """cpu, cuda, cuda:N, or auto (cuda when available)"""
-    dtype: str | None = field(default=None, metadata={"choices": DTYPES})
+    """the device: cpu, cuda, cuda:N, mps or auto (cuda when available)"""
+    dtype: str | None = field(default=None, metadata={"choices": DTYPE_NAMES})
     """matmul dtype under autocast (default: the model config's; float16 needs CUDA)"""
 
     def __post_init__(self) -> None:
@@ -121,8 +121,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise UserError(f"device must be cpu, cuda, cuda:N or auto; got {self.device!r}")
+        check_device_name(self.device)
         for name in ("data", "tokenizer", "preset"):
             if not getattr(self, name).strip():
                 raise UserError(f"{name} must not be empty")

@@ -1,12 +1,11 @@
 """Training checkpoints: the model directory plus everything needed to continue exactly.
 
-    <out>/checkpoints/step-0000500/
-        config.json, model.safetensors        the model (bdh.checkpoint.write_model)
-        tokenizer.json (+ tokenizer_config.json)
-        optimizer.safetensors                 AdamW moments as named tensors, the rest as JSON metadata
-        stream_state.safetensors              stream mode only: the carried state of every process
-        trainer_state.json                    step, tokens, schedule, data position, RNG states, sha256s
-    <out>/latest                              names the newest step directory
+In a step directory of the run (bdh.rundir has the layout and every name):
+    config.json, model.safetensors        the model (bdh.checkpoint.write_model)
+    tokenizer.json (+ tokenizer_config.json)
+    optimizer.safetensors                 AdamW moments as named tensors, the rest as JSON metadata
+    stream_state.safetensors              stream mode only: the carried state of every process
+    trainer_state.json                    step, tokens, schedule, data position, RNG states, sha256s
 
 A checkpoint is written into a temporary directory and renamed into place, then `latest` is
 replaced atomically, then old checkpoints are pruned: a crash at any instant leaves the previous
@@ -18,8 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,25 +25,15 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from bdh.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_directory, atomic_write_bytes, load_tensors, read_json,
-                            resolve_checkpoint, save_tensors, write_json, write_model)
+from bdh.checkpoint import write_model
 from bdh.errors import UserError
-from bdh.fileio import sha256_file
+from bdh.fileio import atomic_directory, load_tensors, read_json, save_tensors, sha256_file, write_json
+from bdh.rundir import (MODEL_CONFIG_FILE, OPTIMIZER_FILE, STREAM_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, RunDir,
+                        resolve_checkpoint)
 
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STREAM_FILE = "stream_state.safetensors"
-LATEST_FILE = "latest"
-BEST_FILE = "best"
-CHECKPOINTS_DIR = "checkpoints"
 FORMAT = "bdh-trainer-state"
 VERSION = 1
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _REQUIRED = ("step", "tokens_seen", "elapsed_s", "world_size", "stream", "ranks", "train_config", "files")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
 
 
 # JSON-safe encoding of tensors and arrays (RNG and iterator states) -------------------------
@@ -159,11 +146,10 @@ def load_optimizer(optimizer: torch.optim.Optimizer, param_names: list[str], pat
 
 # whole checkpoints ---------------------------------------------------------------------------
 
-def save_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, param_names: list[str],
+def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer, param_names: list[str],
                     trainer_state: dict[str, Any], stream_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write <out>/checkpoints/step-XXXXXXX atomically, then point <out>/latest at it."""
-    name = step_dir_name(step)
-    final = out_dir / CHECKPOINTS_DIR / name
+    """Write the run's step directory atomically, then point `latest` at it."""
+    final = run.step_dir(step)
     with atomic_directory(final) as tmp:
         write_model(model, tmp)
         tokenizer.save(tmp)
@@ -173,33 +159,9 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, param
         files = [WEIGHTS_FILE, OPTIMIZER_FILE] + ([STREAM_FILE] if stream_state is not None else [])
         state = {"format": FORMAT, "version": VERSION, **trainer_state,
                  "files": {f: sha256_file(tmp / f) for f in files}}
-        write_json(tmp / STATE_FILE, state)
-    atomic_write_bytes(out_dir / LATEST_FILE, f"{CHECKPOINTS_DIR}/{name}\n".encode())
+        write_json(tmp / TRAINER_STATE_FILE, state)
+    run.point_latest(step)
     return final
-
-
-def mark_best(out_dir: Path, step: int) -> None:
-    atomic_write_bytes(out_dir / BEST_FILE, f"{CHECKPOINTS_DIR}/{step_dir_name(step)}\n".encode())
-
-
-def checkpoint_steps(out_dir: Path) -> list[int]:
-    folder = out_dir / CHECKPOINTS_DIR
-    if not folder.is_dir():
-        return []
-    steps = [int(m.group(1)) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(steps)
-
-
-def prune(out_dir: Path, keep: int, best_step: int | None) -> None:
-    """Delete all but the newest `keep` checkpoints and the best one, and leftovers of failed saves."""
-    folder = out_dir / CHECKPOINTS_DIR
-    steps = checkpoint_steps(out_dir)
-    keep_steps = set(steps[-keep:]) | ({best_step} if best_step is not None else set())
-    for step in steps:
-        if step not in keep_steps:
-            shutil.rmtree(folder / step_dir_name(step), ignore_errors=True)
-    for leftover in folder.glob(".step-*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @dataclass
@@ -208,22 +170,17 @@ class TrainerCheckpoint:
     state: dict[str, Any]  # trainer_state.json
 
     @property
-    def run_dir(self) -> Path:
-        """The run directory holding this checkpoint (its `checkpoints/` parent's parent)."""
-        if self.path.parent.name == CHECKPOINTS_DIR:
-            return self.path.parent.parent
-        return self.path
-
-    def file(self, name: str) -> Path:
-        return self.path / name
+    def run(self) -> RunDir:
+        """The run this checkpoint belongs to."""
+        return RunDir.of_checkpoint(self.path)
 
 
 def load_checkpoint(path: str | Path) -> TrainerCheckpoint:
     """Find and check a training checkpoint (a step directory or a run directory)."""
     directory = resolve_checkpoint(path)
-    state_path = directory / STATE_FILE
+    state_path = directory / TRAINER_STATE_FILE
     if not state_path.is_file():
-        raise UserError(f"{directory} is not a training checkpoint: {STATE_FILE} is missing")
+        raise UserError(f"{directory} is not a training checkpoint: {TRAINER_STATE_FILE} is missing")
     state = read_json(state_path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{state_path} is not a bdh trainer state")
@@ -232,7 +189,7 @@ def load_checkpoint(path: str | Path) -> TrainerCheckpoint:
     missing = [key for key in _REQUIRED if key not in state]
     if missing:
         raise UserError(f"{state_path} is incomplete: missing {', '.join(missing)}")
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in (MODEL_CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise UserError(f"checkpoint file {directory / name} is missing")
     for name, digest in state["files"].items():
@@ -242,33 +199,3 @@ def load_checkpoint(path: str | Path) -> TrainerCheckpoint:
         if sha256_file(file) != digest:
             raise UserError(f"checkpoint file {file} is truncated or corrupt (sha256 mismatch)")
     return TrainerCheckpoint(path=directory, state=state)
-
-
-def read_trainer_state(path: str | Path) -> dict[str, Any] | None:
-    """trainer_state.json of the checkpoint at path, or None for a bare model directory."""
-    file = resolve_checkpoint(path) / STATE_FILE
-    return read_json(file) if file.is_file() else None
-
-
-# metrics ------------------------------------------------------------------------------------
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            # a line cut short by a crash: everything after it is unusable as well
-            break
-    return records
-
-
-def rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -26,20 +25,21 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bdh.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_tensors, model_classes, read_json, write_json
+from bdh import registry
+from bdh.checkpoint import read_model_config
+from bdh.data import RandomBatches, StreamBatches, encode_prompt, load_corpus, load_tokenizer, make_tokenizer, tokenize_corpus
 from bdh.data.batches import eval_batches
 from bdh.errors import UserError
+from bdh.fileio import load_tensors
 from bdh.generate import generate
+from bdh.interp.sparsity import sparsity_probe
+from bdh.precision import resolve_device
+from bdh.rundir import MODEL_CONFIG_FILE, STREAM_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, RunDir
 from bdh.train import checkpoint as ckpt_io
 from bdh.train import distributed
 from bdh.train.args import TrainConfig
 from bdh.train.evaluate import EvalResult, check_eval_length, evaluate, tokens_per_byte
 from bdh.train.optim import lr_at, make_optimizer, set_lr
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_OUT_FILE = "train_config.json"
-# files that mark a directory as holding a run (refused as --out unless --resume or --overwrite)
-RUN_MARKERS = (ckpt_io.LATEST_FILE, ckpt_io.CHECKPOINTS_DIR, METRICS_FILE, CONFIG_OUT_FILE)
 
 
 class TrainingDiverged(UserError):
@@ -87,7 +87,7 @@ class Run:
     cfg: TrainConfig
     env: distributed.DistEnv
     device: torch.device
-    out_dir: Path
+    rundir: RunDir
     corpus: Any
     tokenizer: Any
     tokens: Any
@@ -98,11 +98,14 @@ class Run:
     param_names: list[str]
     batches: Any
     scaler: Any
-    autocast_dtype: torch.dtype | None
     progress: Progress = field(default_factory=Progress)
     carried: Any = None  # stream mode: the detached state of the last step
     resumed_from: ckpt_io.TrainerCheckpoint | None = None
     overwrite: bool = False
+
+    @property
+    def out_dir(self) -> Path:
+        return self.rundir.path
 
     @property
     def tokens_per_step(self) -> int:
@@ -117,7 +120,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = 
           env: distributed.DistEnv | None = None, init_method: str = "env://") -> TrainResult:
     """Train as `cfg` says; resume from a checkpoint or run directory when given."""
     env = env or distributed.from_environ()
-    device = resolve_device(cfg.device, env)
+    device = resolve_device(cfg.device, env.local_rank)
     distributed.init(env, device, init_method)
     run, finished = None, False
     try:
@@ -132,27 +135,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = 
         distributed.shutdown(env, finished)
 
 
-def resolve_device(name: str, env: distributed.DistEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name} was asked for, but CUDA is not available: use --device cpu")
-        return torch.device("cuda", env.local_rank) if name == "cuda" else torch.device(name)
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("device mps was asked for, but it is not available: use --device cpu")
-    return torch.device(name)
-
-
 # --------------------------------------------------------------------------------------------
 # preparation: every check happens here, before the run directory is touched
 
 def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
-    from bdh.data import encode_prompt, load_corpus, load_tokenizer, make_tokenizer, tokenize_corpus
-
     resumed = ckpt_io.load_checkpoint(resume) if resume is not None else None
-    out_dir = cfg.out_dir
-    check_out_dir(out_dir, resumed, overwrite)
+    rundir = RunDir(cfg.out_dir)
+    check_out_dir(rundir, resumed, overwrite)
     if resumed is not None:
         check_resumable(cfg, resumed, env)
     model_config = build_model_config(cfg, vocab_size=None)  # early check of preset and overrides
@@ -171,25 +160,18 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
 
     # the same initial weights on every process; then each its own dropout stream
     torch.manual_seed(cfg.seed)
-    _, model_cls = model_classes(cfg.model_type)
-    model = model_cls(model_config)
+    model = registry.get(cfg.model_type)(model_config)
     torch.manual_seed(cfg.seed + env.rank)
     if resumed is not None:
         load_resumed_weights(model, model_config, cfg, resumed)
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
     names = param_names(model, optimizer)
-    dtype = getattr(model_config, "compute_dtype", None) or cfg.dtype or "float32"
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    autocast_dtype = None
-    if cfg.dtype and cfg.dtype != "float32" and not hasattr(model_config, "compute_dtype"):
-        autocast_dtype = getattr(torch, cfg.dtype)
-    run = Run(cfg=cfg, env=env, device=device, out_dir=out_dir, corpus=corpus, tokenizer=tokenizer, tokens=tokens,
+    scaler = torch.amp.GradScaler(device.type, enabled=model_config.compute_dtype == "float16")
+    run = Run(cfg=cfg, env=env, device=device, rundir=rundir, corpus=corpus, tokenizer=tokenizer, tokens=tokens,
               token_byte_ratio=tokens_per_byte(len(tokens.val), corpus.val), model=model, train_model=model,
-              optimizer=optimizer, param_names=names, batches=batches, scaler=scaler,
-              autocast_dtype=autocast_dtype, resumed_from=resumed, overwrite=overwrite)
-    if cfg.stream:
-        check_stream_state(run)
+              optimizer=optimizer, param_names=names, batches=batches, scaler=scaler, resumed_from=resumed,
+              overwrite=overwrite)
     if resumed is not None:
         restore(run, resumed)
     run.train_model = distributed.wrap(model, env, device)
@@ -198,23 +180,23 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
     return run
 
 
-def check_out_dir(out_dir: Path, resumed, overwrite: bool) -> None:
+def check_out_dir(rundir: RunDir, resumed, overwrite: bool) -> None:
+    out_dir = rundir.path
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory")
-    holds_run = any((out_dir / name).exists() for name in RUN_MARKERS)
-    if not holds_run or overwrite:
+    if not rundir.holds_run() or overwrite:
         return
     if resumed is None:
         raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, --overwrite to start "
                         "over, or choose another --out")
-    if resumed.run_dir.resolve() != out_dir.resolve():
+    if not resumed.run.same_as(rundir):
         raise UserError(f"{out_dir} already holds another run: resume into its own directory "
-                        f"({resumed.run_dir}), pass --overwrite, or choose another --out")
+                        f"({resumed.run.path}), pass --overwrite, or choose another --out")
 
 
 def check_resumable(cfg: TrainConfig, resumed, env) -> None:
     state = resumed.state
-    where = resumed.path / ckpt_io.STATE_FILE
+    where = resumed.path / TRAINER_STATE_FILE
     if state["world_size"] != env.world_size:
         raise UserError(f"{where} was written by {state['world_size']} process(es); resume it with the same "
                         f"number (this run has {env.world_size})")
@@ -231,10 +213,7 @@ def check_resumable(cfg: TrainConfig, resumed, env) -> None:
 
 def build_model_config(cfg: TrainConfig, vocab_size: int | None):
     """The preset, then the `model:` overrides, then the tokenizer's vocabulary size and --dtype."""
-    try:
-        config_cls, _ = model_classes(cfg.model_type)
-    except ImportError as err:
-        raise UserError(f"model {cfg.model_type!r} is not available in this installation ({err})") from None
+    config_cls = registry.get(cfg.model_type).config_class
     overrides = dict(cfg.model_overrides)
     if vocab_size is not None:
         given = overrides.get("vocab_size")
@@ -250,24 +229,21 @@ def build_model_config(cfg: TrainConfig, vocab_size: int | None):
 
 
 def check_model_fits(cfg: TrainConfig, config, device: torch.device) -> None:
-    dtype = getattr(config, "compute_dtype", None) or cfg.dtype
-    if dtype == "float16" and device.type != "cuda":
+    """What the model family says of itself (bdh.protocol) against the run's settings."""
+    if config.compute_dtype == "float16" and device.type != "cuda":
         raise UserError("float16 needs a CUDA device; on the CPU use --dtype bfloat16 or float32")
-    if cfg.model_type != "gpt":
-        return
-    learned = config.pos_encoding == "learned"
-    if cfg.stream and (learned or config.kv_cache_size == 0):
-        raise UserError("stream mode with the gpt model needs a carried, bounded cache: set model "
-                        "pos_encoding=alibi and kv_cache_size > 0 (e.g. --model-arg pos_encoding=alibi "
-                        "--model-arg kv_cache_size=256)")
-    if learned and cfg.block_size > config.block_size:
-        raise UserError(f"block_size {cfg.block_size} exceeds the gpt model's learned positions "
-                        f"({config.block_size}): lower --block-size or raise the model's block_size")
+    if cfg.stream and not config.carries_state:
+        hint = (" (the gpt model needs a carried, bounded cache: --model-arg pos_encoding=alibi "
+                "--model-arg kv_cache_size=256)" if cfg.model_type == "gpt" else "")
+        raise UserError(f"stream mode needs a model whose state can be carried across batches; this "
+                        f"{cfg.model_type} model's cannot{hint}")
+    limit = config.max_positions
+    if limit is not None and cfg.block_size > limit:
+        raise UserError(f"block_size {cfg.block_size} exceeds the {cfg.model_type} model's {limit} positions: "
+                        "lower --block-size or raise the model's block_size")
 
 
 def make_batches(cfg: TrainConfig, tokens, env, device):
-    from bdh.data import RandomBatches, StreamBatches
-
     if cfg.stream:
         return StreamBatches(tokens, cfg.batch_size, cfg.block_size, rank=env.rank, world_size=env.world_size,
                              device=device)
@@ -281,37 +257,16 @@ def param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> lis
 
 
 def load_resumed_weights(model, model_config, cfg: TrainConfig, resumed) -> None:
-    config_path = resumed.path / CONFIG_FILE
-    saved = read_json(config_path)
-    if not isinstance(saved, dict) or saved.pop("model_type", "bdh") != cfg.model_type:
-        raise UserError(f"{config_path} is not a {cfg.model_type} model config")
-    ours = json.loads(json.dumps(model_config.to_dict()))
+    model_class, config = read_model_config(resumed.path)
+    if model_class.model_type != cfg.model_type:
+        raise UserError(f"{resumed.path} holds a {model_class.model_type} model, not a {cfg.model_type} one")
+    saved, ours = (json.loads(json.dumps(c.to_dict())) for c in (config, model_config))
     differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
     if differ:
         detail = ", ".join(f"{k}: {saved.get(k)!r} != {ours.get(k)!r}" for k in differ)
-        raise UserError(f"{config_path} does not match the model of this run ({detail})")
+        raise UserError(f"{resumed.path / MODEL_CONFIG_FILE} does not match the model of this run ({detail})")
     path = resumed.path / WEIGHTS_FILE
     model.load_weights(load_tensors(path), source=str(path))
-
-
-def probe_state(model: torch.nn.Module, device: torch.device):
-    """The state the model returns after one token (eval mode: no dropout, no RNG drawn)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(torch.zeros(1, 1, dtype=torch.long, device=device), state=None).state
-    finally:
-        model.train(was_training)
-
-
-def check_stream_state(run: Run) -> None:
-    """Stream mode carries the model's state: it must detach and save as named tensors."""
-    state = probe_state(run.model, run.device)
-    for attr in ("detach", "state_dict"):
-        if not hasattr(state, attr):
-            raise UserError(f"stream mode needs a model whose state can be carried; "
-                            f"{type(state).__name__} has no {attr}()")
 
 
 def restore(run: Run, resumed) -> None:
@@ -330,14 +285,14 @@ def restore(run: Run, resumed) -> None:
         if state.get("scaler") and run.scaler.is_enabled():
             run.scaler.load_state_dict(state["scaler"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise UserError(f"{resumed.path / ckpt_io.STATE_FILE} is corrupt: cannot restore the data position or "
+        raise UserError(f"{resumed.path / TRAINER_STATE_FILE} is corrupt: cannot restore the data position or "
                         f"random state ({type(err).__name__}: {err})") from None
     if run.cfg.stream:
         run.carried = load_stream_state(run, resumed)
 
 
 def load_stream_state(run: Run, resumed):
-    path = resumed.path / ckpt_io.STREAM_FILE
+    path = resumed.path / STREAM_FILE
     if not path.is_file():
         return None
     tensors = load_tensors(path, device=run.device)
@@ -346,10 +301,10 @@ def load_stream_state(run: Run, resumed):
     if rows != B * run.env.world_size:
         # another batch size: the stream lanes restart anyway, and so does the state
         return None
-    probe = probe_state(run.model, run.device)
+    state_type = type(run.model.init_state(1, device="meta"))
     mine = {k: v[rank * B:(rank + 1) * B] for k, v in tensors.items()}
     try:
-        return type(probe).from_state_dict(mine)
+        return state_type.from_state_dict(mine)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
 
@@ -357,8 +312,7 @@ def load_stream_state(run: Run, resumed):
 # --------------------------------------------------------------------------------------------
 # one optimizer step (also used by the distributed test)
 
-def forward_backward(model, batches, grad_accum: int = 1, stream: bool = False, state=None, scaler=None,
-                     autocast_dtype: torch.dtype | None = None):
+def forward_backward(model, batches, grad_accum: int = 1, stream: bool = False, state=None, scaler=None):
     """Accumulate the gradients of grad_accum micro-batches: (summed mean loss, carried state).
 
     Under DDP only the last micro-batch synchronises gradients.
@@ -371,8 +325,7 @@ def forward_backward(model, batches, grad_accum: int = 1, stream: bool = False, 
             state = None if reset else state
         else:
             x, y = batch
-        amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with distributed.no_sync(model, micro < grad_accum - 1), amp:
+        with distributed.no_sync(model, micro < grad_accum - 1):
             out = model(x, y, state=state) if stream else model(x, y, return_state=False)
             loss = out.loss / grad_accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -395,7 +348,7 @@ class Trainer:
         self.last_ckpt_step: int | None = None
         self.last_ckpt_path: Path | None = None
         resumed = run.resumed_from
-        if resumed is not None and resumed.run_dir.resolve() == run.out_dir.resolve():
+        if resumed is not None and resumed.run.same_as(run.rundir):
             self.last_ckpt_step, self.last_ckpt_path = run.progress.step, resumed.path
 
     # output
@@ -438,7 +391,7 @@ class Trainer:
         set_lr(run.optimizer, lr)
         run.optimizer.zero_grad(set_to_none=True)
         loss, state = forward_backward(run.train_model, run.batches, cfg.grad_accum, cfg.stream, run.carried,
-                                       run.scaler if run.scaler.is_enabled() else None, run.autocast_dtype)
+                                       run.scaler if run.scaler.is_enabled() else None)
         local = float(loss)
         over_time = cfg.max_minutes is not None and time.monotonic() - self.t0 > cfg.max_minutes * 60
         # one collective per step: the mean loss, and whether any process saw a bad loss or wants to stop
@@ -465,14 +418,10 @@ class Trainer:
             self.boundary["cuda"] = torch.cuda.get_rng_state_all()
 
     def diverged(self, loss: float) -> None:
-        where = self.last_ckpt_path or self.latest_checkpoint()
+        where = self.last_ckpt_path or self.run.rundir.latest()
         keep = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
         raise TrainingDiverged(f"loss became {loss} at step {self.run.progress.step + 1}: training stopped "
                                f"without saving that step; {keep} (try a lower --lr or --grad-clip)")
-
-    def latest_checkpoint(self) -> Path | None:
-        latest = self.run.out_dir / ckpt_io.LATEST_FILE
-        return self.run.out_dir / latest.read_text().strip() if latest.is_file() else None
 
     def after_step(self, loss: float, lr: float, bar, last: bool) -> None:
         """Progress bar, then validation, metrics line and checkpoint when they are due.
@@ -519,15 +468,13 @@ class Trainer:
         if val is not None:
             record.update(val_loss=val.loss, val_bpb=val.bpb, val_ppl=val.ppl)
             record.update(self.sparsity())
-        ckpt_io.append_jsonl(self.run.out_dir / METRICS_FILE, record)
+        self.run.rundir.append_metrics(record)
 
     def sparsity(self) -> dict[str, float]:
         """Fraction of non-zero x and y on one validation batch (BDH only), to plot its evolution."""
         model = distributed.unwrap(self.run.model)
-        if getattr(model, "model_type", "bdh") != "bdh":
+        if not {"x", "y"} <= set(model.activation_sites):
             return {}
-        from bdh.interp.sparsity import sparsity_probe
-
         x, _ = next(iter(eval_batches(self.run.tokens.val, self.cfg.batch_size, self.cfg.block_size, 1,
                                       device=self.run.device)))
         return sparsity_probe(model, x)
@@ -547,11 +494,11 @@ class Trainer:
         val = p.last_val if p.last_val and p.last_val.get("step") == p.step else None
         if val is not None and (p.best_ckpt_val is None or val["loss"] < p.best_ckpt_val):
             p.best_ckpt_step, p.best_ckpt_val = p.step, val["loss"]
-        path = ckpt_io.save_checkpoint(run.out_dir, p.step, run.model, run.tokenizer, run.optimizer,
+        path = ckpt_io.save_checkpoint(run.rundir, p.step, run.model, run.tokenizer, run.optimizer,
                                        run.param_names, self.trainer_state(ranks, val), stream)
         if p.best_ckpt_step == p.step:
-            ckpt_io.mark_best(run.out_dir, p.step)
-        ckpt_io.prune(run.out_dir, self.cfg.keep_checkpoints, p.best_ckpt_step)
+            run.rundir.point_best(p.step)
+        run.rundir.prune(self.cfg.keep_checkpoints, p.best_ckpt_step)
         self.last_ckpt_step, self.last_ckpt_path = p.step, path
         return path
 
@@ -598,17 +545,16 @@ class Trainer:
     def init_out_dir(self) -> None:
         """Rank 0, after every check passed: clear an overwritten run, carry metrics over, save the config."""
         run = self.run
-        out = run.out_dir
         resumed = run.resumed_from
-        same_dir = resumed is not None and resumed.run_dir.resolve() == out.resolve()
+        same_dir = resumed is not None and resumed.run.same_as(run.rundir)
         if run.overwrite and not same_dir:
-            clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
+            run.rundir.clear()
+        run.out_dir.mkdir(parents=True, exist_ok=True)
         if resumed is not None:
-            records = ckpt_io.read_jsonl(resumed.run_dir / METRICS_FILE)
-            ckpt_io.rewrite_jsonl(out / METRICS_FILE, [r for r in records if r.get("step", 0) <= run.progress.step])
+            records = resumed.run.read_metrics()
+            run.rundir.rewrite_metrics([r for r in records if r.get("step", 0) <= run.progress.step])
         resolved = self.resolved_config()
-        write_json(out / CONFIG_OUT_FILE, resolved)
+        run.rundir.write_train_config(resolved)
         self.say("bdh train: resolved config\n" + json.dumps(resolved, indent=2, sort_keys=True))
         if resumed is not None:
             self.say(f"resuming from {resumed.path} at step {run.progress.step}")
@@ -646,13 +592,11 @@ class Trainer:
                            checkpoint=path, sample=sample)
 
     def sample(self) -> str:
-        from bdh.data import encode_prompt
-
         run, cfg = self.run, self.cfg
         ids = encode_prompt(run.tokenizer, cfg.sample_prompt)
         n = cfg.sample_tokens
-        limit = getattr(run.model.config, "block_size", None)
-        if getattr(run.model.config, "pos_encoding", None) == "learned" and limit is not None:
+        limit = run.model.max_positions
+        if limit is not None:
             n = max(0, min(n, limit - len(ids)))
         generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
         idx = torch.tensor([ids], dtype=torch.long, device=run.device)
@@ -678,13 +622,3 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
-
-
-def clear_run(out: Path) -> None:
-    """Remove what a previous run wrote (and only that) from its directory."""
-    for name in RUN_MARKERS + (ckpt_io.BEST_FILE,):
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()

@@ -12,7 +12,7 @@ from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.generate import generate
 from bdh.model import BDH
-from bdh.outputs import ModelOutput
+from bdh.protocol import ModelOutput
 
 V = 256
 
@@ -172,7 +172,7 @@ def test_ragged_generation_matches_each_prompt_alone(overrides):
         alone = generate(model, prompt[None], 8, top_k=1)[0]
         assert row.tolist() == alone.tolist()
     assert [len(r) for r in together] == [11, 17, 9]
-    assert model.generate(prompts[1][None], 4, top_k=1).shape == (1, 13)
+    assert generate(model, prompts[1][None], 4, top_k=1).shape == (1, 13)
 
 
 def test_cat_of_different_lengths_continues_each_sequence():

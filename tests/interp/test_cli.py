@@ -1,6 +1,5 @@
 """`bdh inspect`: the report files, their keys, and the errors a user can make."""
 
-import argparse
 import json
 import re
 
@@ -10,7 +9,7 @@ import torch
 from bdh import BDH, BDHConfig, save_model
 from bdh.data import make_tokenizer
 from bdh.errors import UserError
-from bdh.interp.cli import add_inspect_arguments, main, run_inspect
+from bdh.cli import build_parser, cmd_inspect, main
 
 TEXT = ("The dragon hatchling reads a text one token at a time. Its neurons fire sparsely, and the synapses "
         "between neurons that fire together grow stronger. Money in the bank, rain on the roof. ") * 3
@@ -32,9 +31,10 @@ def checkpoint(tmp_path_factory):
 
 
 def parse(*argv):
-    parser = argparse.ArgumentParser()
-    add_inspect_arguments(parser)
-    return parser.parse_args(list(argv))
+    return build_parser().parse_args(["inspect", *argv])
+
+
+run_inspect = cmd_inspect
 
 
 FAST = ("--max-edges", "2000", "--n-betas", "3", "--seeds", "1", "--candidates", "300", "--quiet")
@@ -111,16 +111,13 @@ def test_user_errors_are_one_line_messages(checkpoint, tmp_path):
         run_inspect(parse("--text", str(text), "--trace", "5:0:0:0", *base))
     with pytest.raises(UserError, match="l runs from 1 to 1"):
         run_inspect(parse("--text", str(text), "--layers", "2", *base))
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="LAYER:HEAD:I:J"):
         parse("--ckpt", "x", "--text", "y", "--out", "z", "--trace", "1:2:3")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--ckpt", str(tmp_path / "none"), "--text", str(text), "--out", str(tmp_path / "o")])
-    assert exit_info.value.code == 2
+    assert main(["inspect", "--ckpt", str(tmp_path / "none"), "--text", str(text), "--out", str(tmp_path / "o")]) == 2
 
 
 def test_help_names_every_option(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
+    assert main(["inspect", "--help"]) == 0
     text = capsys.readouterr().out
     for option in ("--ckpt", "--text", "--out", "--concept", "--control", "--max-tokens", "--betas", "--layers",
                    "--trace", "--max-edges"):

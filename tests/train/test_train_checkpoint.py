@@ -10,6 +10,7 @@ from bdh.checkpoint import load_model
 from bdh.cli import main
 from bdh.data import RandomBatches
 from bdh.errors import UserError
+from bdh.rundir import RunDir
 from bdh.train import checkpoint as ckpt_io
 from bdh.train.optim import make_optimizer
 
@@ -63,7 +64,7 @@ def test_iterator_and_rng_state_survive_json(tmp_path):
 def test_checkpoint_layout_and_pruning(tmp_path, text_file):
     run = tmp_path / "run"
     assert main(tiny_args(text_file, run, "--ckpt-interval", "1", "--eval-interval", "2", steps=5)) == 0
-    steps = ckpt_io.checkpoint_steps(run)
+    steps = RunDir(run).checkpoint_steps()
     # the last two and the best validated one (validations at steps 2, 4 and 5)
     state = json.loads((run / "checkpoints" / "step-0000005" / "trainer_state.json").read_text())
     assert steps[-2:] == [4, 5] and len(steps) <= 3
@@ -93,7 +94,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, text_file, monkeypatch,
     assert main(tiny_args(text_file, run, "--ckpt-interval", "2", steps=6)) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert (run / "latest").read_text().strip() == "checkpoints/step-0000002"
-    assert ckpt_io.checkpoint_steps(run) == [2]
+    assert RunDir(run).checkpoint_steps() == [2]
     assert not list((run / "checkpoints").glob(".*"))  # no half-written directory left behind
     load_model(run)  # the run directory still resolves to a whole checkpoint
     ckpt_io.load_checkpoint(run)
