@@ -1,4 +1,4 @@
-"""The authors' BDH-GPU forward pass, restated from bdh-spec.md section 2 for equivalence tests.
+"""The authors' BDH-GPU forward pass, restated from their public bdh.py for equivalence tests.
 
 Deliberately written the way the reference computes it (float32 phases from arange * freqs,
 tril(QK^T, -1) V over the whole sequence, heads concatenated before the decoder), and sharing no

@@ -11,35 +11,15 @@ import pytest
 from bdh.cli import COMMANDS, TextStream, main
 from bdh.data import ByteTokenizer
 from bdh.train.args import field_help
-
-WORDS = "the king queen lord love night day sword crown heart thou art my fair good".split()
+from tests.helpers import one_line_error, tiny_args, write_text
 
 
 def _text(path, lines=300):
-    import random
-
-    rng = random.Random(0)
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(lines)) + "\n")
-    return path
+    return write_text(path, lines)
 
 
 def _train(data, out, *extra):
-    return ["train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--batch-size", "2",
-            "--block-size", "16", "--max-iters", "2", "--eval-iters", "1", "--sample-tokens", "0",
-            "--device", "cpu", *extra]
-
-
-def _one_line_error(capsys):
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("bdh: error: ") and "Traceback" not in captured.err
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("BDH_CACHE", str(tmp_path / "cache"))
+    return tiny_args(data, out, *extra, steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +91,7 @@ def test_bad_train_input_is_one_line_and_writes_nothing(extra, tmp_path, capsys)
     data = _text(tmp_path / "text.txt")
     out = tmp_path / "out"
     assert main(_train(data, out, *extra)) == 2
-    _one_line_error(capsys)
+    one_line_error(capsys)
     assert not out.exists()
 
 
@@ -120,23 +100,23 @@ def test_bad_corpus_is_one_line_and_writes_nothing(content, tmp_path, capsys):
     data = tmp_path / "corpus.txt"
     data.write_bytes(content)
     assert main(_train(data, tmp_path / "out")) == 2
-    _one_line_error(capsys)
+    one_line_error(capsys)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_data_and_bad_yaml(tmp_path, capsys):
     assert main(_train(tmp_path / "missing.txt", tmp_path / "out")) == 2
-    assert "missing.txt" in _one_line_error(capsys)
+    assert "missing.txt" in one_line_error(capsys)
     config = tmp_path / "c.yaml"
     config.write_text("batch_size: [1, 2\n")
     assert main(_train(_text(tmp_path / "t.txt"), tmp_path / "out", "--config", str(config))) == 2
-    assert "c.yaml" in _one_line_error(capsys)
+    assert "c.yaml" in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
 
 
 def test_no_command_is_an_error(capsys):
     assert main([]) == 2
-    assert "command is required" in _one_line_error(capsys)
+    assert "command is required" in one_line_error(capsys)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
@@ -146,7 +126,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert main(_train(data, out)) == 2
-    assert "--resume" in _one_line_error(capsys)
+    assert "--resume" in one_line_error(capsys)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert main(_train(data, out, "--overwrite", "--max-iters", "1")) == 0
     assert (out / "latest").read_text().strip() == "checkpoints/step-0000001"
@@ -178,7 +158,7 @@ def test_generate_reads_prompt_from_stdin(trained, capsys, monkeypatch):
 def test_generate_bad_input(trained, capsys, extra):
     run, _ = trained
     assert main(["generate", "--ckpt", str(run), "--device", "cpu", *extra]) == 2
-    _one_line_error(capsys)
+    one_line_error(capsys)
 
 
 def test_eval_on_validation_split_and_on_a_file(trained, capsys):
@@ -191,7 +171,7 @@ def test_eval_on_validation_split_and_on_a_file(trained, capsys):
     assert main(["eval", "--ckpt", str(run), "--data", str(data), "--max-batches", "2", "--device", "cpu"]) == 0
     assert "bits/byte" in capsys.readouterr().out
     assert main(["eval", "--ckpt", str(run), "--block-size", "0"]) == 2
-    _one_line_error(capsys)
+    one_line_error(capsys)
 
 
 def test_info(trained, capsys):
@@ -207,7 +187,7 @@ def test_info(trained, capsys):
 @pytest.mark.parametrize("command", ["generate", "eval", "info"])
 def test_missing_checkpoint(command, tmp_path, capsys):
     assert main([command, "--ckpt", str(tmp_path / "nothing")]) == 2
-    assert "nothing" in _one_line_error(capsys)
+    assert "nothing" in one_line_error(capsys)
 
 
 def test_text_stream_holds_back_split_utf8_characters():
@@ -233,7 +213,7 @@ def test_generate_from_a_bare_saved_model(tmp_path, capsys):
     assert main(["info", "--ckpt", str(tmp_path / "model")]) == 0
     assert "no trainer_state.json" in capsys.readouterr().out
     assert main(["eval", "--ckpt", str(tmp_path / "model")]) == 2
-    assert "--data" in _one_line_error(capsys)
+    assert "--data" in one_line_error(capsys)
 
 
 def test_bench_rejects_an_unknown_benchmark(capsys):

@@ -13,7 +13,7 @@ DECAY = torch.tensor([0.9, 0.7], dtype=torch.float64)
 
 
 def reference_layer(v, Dx, Dy, E, rotors, s0, decay, layernorm, keep_scale):
-    """bdh-spec section 2, one op at a time; keep_scale: the dropout multiplier on y, or None."""
+    """the authors' forward, one op at a time; keep_scale: the dropout multiplier on y, or None."""
     x = F.relu(torch.matmul(v.unsqueeze(1), Dx))  # B, nh, T, N
     q = apply_rope_complex(x, rotors)
     a, state = naive_attention(q, q, v.unsqueeze(1), s0, decay, output_final_state=True)

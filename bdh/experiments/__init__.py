@@ -7,7 +7,7 @@ peak memory; an experiment that was killed resumes where it stopped when run aga
 
 from bdh.experiments.compare import compare, plan_compare
 from bdh.experiments.runs import RunFailed
-from bdh.experiments.sweep import DEFAULT_SIZES, PowerLaw, fit_power_law, plan_sweep, sweep
+from bdh.experiments.sweep import DEFAULT_SIZES, PowerLaw, fit_scaling_law, plan_sweep, sweep
 
-__all__ = ["DEFAULT_SIZES", "PowerLaw", "RunFailed", "compare", "fit_power_law", "plan_compare", "plan_sweep",
+__all__ = ["DEFAULT_SIZES", "PowerLaw", "RunFailed", "compare", "fit_scaling_law", "plan_compare", "plan_sweep",
            "sweep"]

@@ -61,7 +61,7 @@ class PowerLaw:
         return dataclasses.asdict(self)
 
 
-def fit_power_law(params: Sequence[float], losses: Sequence[float], irreducible: bool = False) -> PowerLaw:
+def fit_scaling_law(params: Sequence[float], losses: Sequence[float], irreducible: bool = False) -> PowerLaw:
     """Least-squares power law through (N, loss) points.
 
     Two parameters (default): a straight line through (log N, log loss), needs 2 points.
@@ -248,7 +248,7 @@ def write_outputs(manifest: runs.Manifest, out: Path, plans: list[tuple[int, Run
         all_fits[model] = {}
         for name, k in (("total", "params"), ("non-embedding", "params_without_embeddings")):
             try:
-                fit = fit_power_law([r[k] for r in rs], [r["final_val_loss"] for r in rs])
+                fit = fit_scaling_law([r[k] for r in rs], [r["final_val_loss"] for r in rs])
             except ValueError:
                 continue
             all_fits[model][name] = fit.to_dict()

@@ -1,7 +1,7 @@
 """Looking inside BDH: activations, sparsity, synapses, concept synapses, the neuron graph, reports.
 
-Every measure of bdh-spec.md section 6 is a plain function here; `bdh inspect` (bdh.interp.cli)
-puts them all in one report.json + report.html. scipy, matplotlib, igraph and powerlaw (the
+Every measure of the paper's interpretability analysis (its Sections 5 and 6) is a plain function
+here; `bdh inspect` (bdh.interp.report.inspect) puts them all in one report.json + report.html. scipy, matplotlib, igraph and powerlaw (the
 "analysis" extra) are imported only by the functions that need them.
 """
 
@@ -11,7 +11,7 @@ from bdh.interp.capture import (
 from bdh.interp.concepts import (
     concept_synapses, contrast_set, contrast_sets, evaluate_synapses, mann_whitney, read_sentences, synapse_values,
 )
-from bdh.interp.graph import analyse_neuron_graph, fit_power_law, louvain_modularity, neuron_graph
+from bdh.interp.graph import analyse_neuron_graph, fit_degree_power_law, louvain_modularity, neuron_graph
 from bdh.interp.report import build_report, inspect, write_report
 from bdh.interp.sparsity import sparsity, sparsity_probe
 from bdh.interp.synapses import (
@@ -21,7 +21,7 @@ from bdh.interp.synapses import (
 __all__ = [
     "SITES", "ActivationCapture", "Chunk", "analyse_neuron_graph", "batch_activations", "build_report",
     "capture_activations", "concept_synapses", "contrast_set", "contrast_sets", "evaluate_synapses",
-    "fit_power_law", "inspect", "load_synapses", "louvain_modularity", "mann_whitney", "neuron_graph",
+    "fit_degree_power_law", "inspect", "load_synapses", "louvain_modularity", "mann_whitney", "neuron_graph",
     "read_sentences", "run_accumulators", "save_synapses", "sparsity", "sparsity_probe", "stream_activations",
     "synapse_degrees", "synapse_state", "synapse_summary", "synapse_traces", "synapse_values", "top_synapses",
     "write_report",

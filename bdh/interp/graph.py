@@ -1,4 +1,4 @@
-"""The neuron graph G_x = E D_x read from the parameters (bdh-spec.md section 6).
+"""The neuron graph G_x = E D_x read from the parameters (the paper's Section 5).
 
 G (n x n): entry (i, j) = E[i] . D_x[:, j], neuron i -> d-space -> neuron j, in nh x nh blocks of
 N x N (block (h, h') = E[head h rows] @ D_x[h']). The reference code calls E "decoder" (nh N, D)
@@ -241,7 +241,7 @@ def degrees(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.bincount(src, minlength=n), np.bincount(dst, minlength=n)
 
 
-def fit_power_law(values: np.ndarray) -> dict:
+def fit_degree_power_law(values: np.ndarray) -> dict:
     """powerlaw.Fit(discrete=True) of the positive values, compared with exponential and lognormal.
 
     R is the normalised log-likelihood ratio (positive: the power law fits better), p its
@@ -274,7 +274,7 @@ def degree_summary(deg: np.ndarray) -> dict:
     values, counts = np.unique(deg, return_counts=True)
     return {"mean": float(deg.mean()), "max": int(deg.max()) if len(deg) else 0,
             "zero_fraction": float((deg == 0).mean()), "gini": gini(deg),
-            "values": values.tolist(), "counts": counts.tolist(), "fit": fit_power_law(deg)}
+            "values": values.tolist(), "counts": counts.tolist(), "fit": fit_degree_power_law(deg)}
 
 
 def gini(values: np.ndarray) -> float:
@@ -299,7 +299,7 @@ def auto_betas(top_values: torch.Tensor, n: int, n_betas: int, max_edges: int) -
 def analyse_neuron_graph(model: nn.Module, betas: Sequence[float] | None = None, n_betas: int = 7,
                          max_edges: int = 100_000, seeds: int = 5, degree_edges: int | None = None,
                          baseline_seed: int = 0) -> dict:
-    """Everything of issue item 5 as plain types: sweep, baselines, degrees, head blocks.
+    """The whole neuron-graph analysis as plain types: sweep, baselines, degrees, head blocks.
 
     degree_edges: directed edges of the graph whose degrees are fitted (default 8 n, mean degree 8);
     its threshold beta_ref also defines the tails of the head-block statistics.

@@ -1,6 +1,6 @@
 """Synapse state sigma (paper Eq. 16), its strongest synapses, and token-by-token traces.
 
-Definition used here (bdh-spec.md section 6). Synapse layer l, for 1 <= l < n_layer, pairs the
+Definition used here (the paper's Eq. 16). Synapse layer l, for 1 <= l < n_layer, pairs the
 gated activation y of layer l-1 with the neuron activation x of layer l, head by head:
 
     sigma_l[h] (N x N) = sum over tau <= t of  lambda_h^(t - tau) * y_{tau, l-1}[h]^T  x_{tau, l}[h]

@@ -1,6 +1,6 @@
 """One BDH layer as a single autograd Function: the training fast path.
 
-The layer (bdh-spec.md section 2, reference layout), from its input v (B, T, D):
+The layer (the authors' reference code, the paper's Section 3; reference layout), from its input v (B, T, D):
     x = relu(v D_x)                       B, nh, T, N
     q = RoPE(x)                           keys are the queries
     a = attention(q, q, v)                B, nh, T, D   (chunked form, bdh.ops.chunked)

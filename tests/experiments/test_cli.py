@@ -5,7 +5,9 @@ import pytest
 from bdh.cli import main
 from bdh.experiments import runs
 
-from .helpers import Runs, one_line_error, tiny_flags
+from tests.helpers import one_line_error, tiny_flags
+
+from .helpers import Runs
 
 
 @pytest.mark.parametrize("command", ["compare", "sweep"])

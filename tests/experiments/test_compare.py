@@ -8,7 +8,9 @@ import pytest
 from bdh.cli import main
 from bdh.experiments import runs
 
-from .helpers import Runs, metrics, one_line_error, tiny_flags, write_text
+from tests.helpers import metrics, one_line_error, tiny_flags, write_text
+
+from .helpers import Runs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -7,28 +7,30 @@ import numpy as np
 import pytest
 
 from bdh.cli import main
-from bdh.experiments import fit_power_law, runs
+from bdh.experiments import fit_scaling_law, runs
 
-from .helpers import Runs, metrics, tiny_flags
+from tests.helpers import metrics, tiny_flags
+
+from .helpers import Runs
 
 SIZES = "2,4,8,16"
 
 
 def test_power_law_fit_recovers_a_known_exponent():
     n = np.geomspace(1e5, 1e7, 6)
-    fit = fit_power_law(n, 7.0 * n ** -0.12)
+    fit = fit_scaling_law(n, 7.0 * n ** -0.12)
     assert fit.alpha == pytest.approx(0.12, rel=1e-6) and fit.a == pytest.approx(7.0, rel=1e-6)
     assert fit.c == 0 and fit.r2 == pytest.approx(1.0) and fit.points == 6
     noisy = 7.0 * n ** -0.12 * np.exp(np.random.default_rng(0).normal(0, 0.01, n.size))
-    assert fit_power_law(n, noisy).alpha == pytest.approx(0.12, abs=0.02)
-    floor = fit_power_law(n, 1.5 + 40.0 * n ** -0.3, irreducible=True)
+    assert fit_scaling_law(n, noisy).alpha == pytest.approx(0.12, abs=0.02)
+    floor = fit_scaling_law(n, 1.5 + 40.0 * n ** -0.3, irreducible=True)
     assert floor.alpha == pytest.approx(0.3, rel=1e-3) and floor.c == pytest.approx(1.5, rel=1e-3)
     assert floor.predict([1e6])[0] == pytest.approx(1.5 + 40.0 * 1e6 ** -0.3, rel=1e-6)
     assert "N^-0.120" in fit.describe()
     with pytest.raises(ValueError):
-        fit_power_law([1e5], [3.0])
+        fit_scaling_law([1e5], [3.0])
     with pytest.raises(ValueError):
-        fit_power_law(n[:3], n[:3] ** -0.1, irreducible=True)
+        fit_scaling_law(n[:3], n[:3] ** -0.1, irreducible=True)
 
 
 def test_sweep_trains_every_size_and_fits(tmp_path, text_file, monkeypatch, capsys):

@@ -9,7 +9,7 @@ from tests.reference_bdh import reference_rope
 
 
 def manual_activations(model, idx):
-    """x, a, y of every layer, recomputed from the weights as bdh-spec.md section 2 writes them."""
+    """x, a, y of every layer, recomputed from the weights as the authors' forward computes them."""
     ln = lambda t: F.layer_norm(t, t.shape[-1:], eps=1e-5)  # noqa: E731
     nh, D, N = model.encoder.shape
     T = idx.shape[1]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bdh import BDH, BDHConfig
-from bdh.interp import analyse_neuron_graph, fit_power_law, neuron_graph
+from bdh.interp import analyse_neuron_graph, fit_degree_power_law, neuron_graph
 from bdh.interp.graph import graph_factors, lowrank_top, scan_graph, tail_scan
 
 
@@ -101,9 +101,9 @@ def test_lowrank_baseline_is_the_top_of_a_random_product():
 
 def test_power_law_fit_prefers_power_laws_only_for_heavy_tails():
     rng = np.random.default_rng(0)
-    heavy = fit_power_law(rng.zipf(2.5, 4000))
+    heavy = fit_degree_power_law(rng.zipf(2.5, 4000))
     assert heavy["ok"] and heavy["alpha"] == pytest.approx(2.5, abs=0.2)
     assert heavy["vs_exponential"]["R"] > 0
-    light = fit_power_law(rng.geometric(0.2, 4000))
+    light = fit_degree_power_law(rng.geometric(0.2, 4000))
     assert light["ok"] and light["vs_exponential"]["R"] < heavy["vs_exponential"]["R"]
-    assert fit_power_law(np.array([1, 1, 2])) == {"ok": False, "reason": "too few distinct positive values (2 of 3)"}
+    assert fit_degree_power_law(np.array([1, 1, 2])) == {"ok": False, "reason": "too few distinct positive values (2 of 3)"}

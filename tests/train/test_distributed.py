@@ -12,7 +12,7 @@ from bdh import BDH, BDHConfig
 from bdh.train import distributed
 from bdh.train.loop import forward_backward
 
-from .helpers import losses, write_text
+from tests.helpers import losses, write_text
 
 WORLD = 2
 

@@ -11,7 +11,7 @@ from bdh.cli import main
 from bdh.train import TrainConfig, loop, train
 from bdh.train.optim import lr_at, make_optimizer
 
-from .helpers import tiny_args
+from tests.helpers import tiny_args
 
 
 def test_weight_decay_only_on_matrices():

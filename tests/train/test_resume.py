@@ -7,7 +7,7 @@ import pytest
 from bdh.cli import main
 from bdh.train import loop
 
-from .helpers import losses, tiny_args
+from tests.helpers import losses, tiny_args
 
 
 def _interrupt_after(monkeypatch, step):

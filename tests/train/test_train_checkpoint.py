@@ -14,16 +14,7 @@ from bdh.rundir import RunDir
 from bdh.train import checkpoint as ckpt_io
 from bdh.train.optim import make_optimizer
 
-from .helpers import files_under, tiny_args
-
-
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bdh: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from tests.helpers import files_under, one_line_error, tiny_args
 
 
 def test_optimizer_round_trip_is_exact(tmp_path):
@@ -123,11 +114,11 @@ def test_damaged_checkpoint_is_one_line_error(tmp_path, text_file, capsys, damag
     before = files_under(run)
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--max-iters", "4"]) == 2
-    _one_line_error(capsys, name)
+    one_line_error(capsys, name)
     assert files_under(run) == before
     if damage in ("truncate-weights",):
         assert main(["generate", "--ckpt", str(run), "--max-new-tokens", "2"]) == 2
-        _one_line_error(capsys, name)
+        one_line_error(capsys, name)
 
 
 def test_mismatched_model_config_is_refused(tmp_path, text_file, capsys):
@@ -135,4 +126,4 @@ def test_mismatched_model_config_is_refused(tmp_path, text_file, capsys):
     assert main(tiny_args(text_file, run, steps=2)) == 0
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--max-iters", "4", "--model-arg", "n_layer=3"]) == 2
-    _one_line_error(capsys, "config.json", "n_layer")
+    one_line_error(capsys, "config.json", "n_layer")
