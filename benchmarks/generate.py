@@ -43,7 +43,7 @@ def decode_latency(model, state, tokens: int) -> float:
 
     def one():
         nonlocal state
-        state = model(token, state=state, inplace_state=True).state
+        state = model.step(token, state).state
 
     return median(timed(one, tokens, warmup=2))
 

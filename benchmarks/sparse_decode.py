@@ -28,13 +28,13 @@ def silence(model, keep: float, seed: int = 0) -> None:
 def active_fraction(model, token, state) -> float:
     """Fraction of RoPE pairs active, averaged over layers, for this token."""
     fractions = []
-    hook = model.hook_x.register_forward_hook(
-        lambda m, i, out: fractions.append((out.unflatten(-1, (-1, 2)) != 0).any(-1).float().mean().item())
-    )
-    try:
+
+    def record(site, layer, x):
+        if site == "x":
+            fractions.append((x.unflatten(-1, (-1, 2)) != 0).any(-1).float().mean().item())
+
+    with model.capture(record):
         model(token, state=state.clone())
-    finally:
-        hook.remove()
     return sum(fractions) / len(fractions)
 
 
@@ -45,7 +45,7 @@ def per_token(model, state, tokens, threshold: float) -> float:
 
     def one():
         nonlocal state
-        state = model(next(it), state=state, inplace_state=True).state
+        state = model.step(next(it), state).state
 
     return median(timed(one, len(tokens) - 3, warmup=2))
 
@@ -57,9 +57,9 @@ def measure(model, prompt, tokens) -> dict:
     sparse = per_token(model, state, tokens, 1.0)
     # exactness on the first token
     model.config.sparse_decode_below = 0.0
-    a = model(tokens[0], state=state.clone(), inplace_state=True).logits
+    a = model.step(tokens[0], state.clone()).logits
     model.config.sparse_decode_below = 1.0
-    b = model(tokens[0], state=state.clone(), inplace_state=True).logits
+    b = model.step(tokens[0], state.clone()).logits
     return {
         "active_fraction": round(active_fraction(model, tokens[0], state), 4),
         "dense_s_per_token": round(dense, 5),

@@ -33,7 +33,10 @@ import json, resource, sys, time, torch
 from bdh import BDH, BDHConfig
 preset, T, B, impl, repeats, compile_ = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6] == "1"
 torch.manual_seed(0)
-model = BDH(BDHConfig.from_name(preset, attn_impl=impl, dropout=0.0))
+# naive: the quadratic form op by op (the authors' computation); chunked: the chunked form op by op;
+# auto: the default (the fused layer wherever it applies)
+forms = {"naive": dict(attn_impl="naive"), "chunked": dict(attn_impl="chunked", fused=False), "auto": {}}
+model = BDH(BDHConfig.from_name(preset, dropout=0.0, **forms[impl]))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 g = torch.Generator().manual_seed(1)
 x = torch.randint(0, 256, (B, T), generator=g)
