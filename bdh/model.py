@@ -32,7 +32,7 @@ from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
 from bdh.ops.layer import fused_layer, norm
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
-from bdh.protocol import ModelOutput, load_named_tensors, next_positions, next_token_loss
+from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
 from bdh.state import BDHState
 
@@ -40,7 +40,7 @@ REFERENCE_KEYS = ("encoder", "encoder_v", "decoder", "embed.weight", "lm_head", 
 Capture = Callable[[str, int, torch.Tensor], None]
 
 
-class BDH(nn.Module):
+class BDH(ModelBase):
     model_type = "bdh"
     config_class = BDHConfig
     activation_sites = ("x", "a", "y")
@@ -71,14 +71,6 @@ class BDH(nn.Module):
     def num_params(self, embeddings: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())
         return total if embeddings else total - self.embed.weight.numel() - self.lm_head.numel()
-
-    @property
-    def max_positions(self) -> int | None:
-        return self.config.max_positions
-
-    @property
-    def carries_state(self) -> bool:
-        return self.config.carries_state
 
     def init_state(self, batch_size: int, device=None) -> BDHState:
         c = self.config
@@ -317,7 +309,7 @@ class BDH(nn.Module):
         """Copy tensors in by name, with an error naming any missing, extra or misshapen key."""
         if "freqs" in tensors and not pairs_share_frequencies(tensors["freqs"]):
             raise UserError(f"{source}: RoPE frequencies of neurons 2i and 2i+1 differ; the rotation needs pairs")
-        load_named_tensors(self, tensors, source)
+        super().load_weights(tensors, source)
 
 
 def _cols(rows: torch.Tensor) -> torch.Tensor:

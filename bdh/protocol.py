@@ -1,8 +1,9 @@
 """The contract every model family implements, BDH and baselines alike.
 
-A family is an nn.Module class with a `model_type`, a `config_class` (a bdh.config.ModelConfig
-dataclass) and the methods of `LanguageModel` below; it is registered in bdh.registry. Callers
-(generate, train, eval, interp, experiments) ask these attributes instead of probing types.
+A family is an nn.Module class (usually a `ModelBase`) with a `model_type`, a `config_class` (a
+bdh.config.ModelConfig dataclass) and the methods of `LanguageModel` below; it is registered in
+bdh.registry. Callers (generate, train, eval, interp, experiments) ask these attributes instead
+of probing types.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bdh.errors import UserError
 
@@ -53,6 +55,23 @@ class LanguageModel(Protocol):
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Copy named tensors in, with an error naming any missing, extra or misshapen one."""
+
+
+class ModelBase(nn.Module):
+    """What every family's model class shares: the protocol's answers that come from its config,
+    and loading weights by name."""
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.config.max_positions
+
+    @property
+    def carries_state(self) -> bool:
+        return self.config.carries_state
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """Copy tensors in by name, with an error naming any missing, extra or misshapen key."""
+        load_named_tensors(self, tensors, source)
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:

@@ -27,7 +27,7 @@ from bdh.config import ModelConfig
 from bdh.errors import UserError
 from bdh.ops.alibi import alibi_slopes
 from bdh.precision import DTYPE_NAMES, autocast_for
-from bdh.protocol import ModelOutput, load_named_tensors, next_positions, next_token_loss
+from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
 from bdh.state import TensorState
 
 POS_ENCODINGS = ("learned", "alibi")
@@ -208,7 +208,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)), kv
 
 
-class GPT(nn.Module):
+class GPT(ModelBase):
     model_type = "gpt"
     config_class = GPTConfig
     activation_sites = ()
@@ -255,14 +255,6 @@ class GPT(nn.Module):
         if self.lm_head is not None:
             total -= self.lm_head.weight.numel()
         return total
-
-    @property
-    def max_positions(self) -> int | None:
-        return self.config.max_positions
-
-    @property
-    def carries_state(self) -> bool:
-        return self.config.carries_state
 
     def init_state(self, batch_size: int, device=None) -> KVCache:
         c = self.config
@@ -353,7 +345,3 @@ class GPT(nn.Module):
         """One token per sequence (B, 1) on top of the cache: the sequence path with T = 1 (the
         cache grows by concatenation, so a new one is returned)."""
         return self(idx, state=state)
-
-    def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
-        """Copy tensors in by name, with an error naming any missing, extra or misshapen key."""
-        load_named_tensors(self, tensors, source)
