@@ -14,13 +14,11 @@ from typing import Any, ClassVar
 
 from bdh.errors import UserError
 from bdh.ops.alibi import alibi_decays
+from bdh.ops.chunked import CHUNK_SIZE
 from bdh.precision import DTYPE_NAMES
 
 ATTN_IMPLS = ("auto", "naive", "chunked", "recurrent")
 LAYOUTS = ("reference", "eq8")
-# chunk length of the chunked form (memory/speed trade-off only, results are the same);
-# 128 and 256 are within 8 % of each other for small and paper-25m (benchmarks/README.md)
-CHUNK_SIZE = 256
 
 
 class ModelConfig:
@@ -133,6 +131,7 @@ class BDHConfig(ModelConfig):
     # True, False, or "auto" = wherever it applies (float32, reference layout, no detach_kv,
     # attn_impl auto or chunked, no activation capture, chunks dividing T)
     fused: str | bool = "auto"
+    # chunk length of the chunked form and the fused layer (memory/speed only, same results)
     chunk_size: int = CHUNK_SIZE
     # RoPE base; the reference uses 2**16 with pairs of neurons sharing a frequency
     rope_theta: float = 65536.0

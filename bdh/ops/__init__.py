@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from bdh.ops.chunked import chunked_attention
+from bdh.ops.chunked import CHUNK_SIZE, chunked_attention
 from bdh.ops.naive import loop_attention, naive_attention
 from bdh.ops.recurrent import recurrent_attention, recurrent_step
 from bdh.ops.rope import apply_rope, apply_rope_complex, pairs_share_frequencies, rope_freqs, rope_rotors, rope_tables
@@ -15,7 +15,7 @@ __all__ = [
 ]
 
 
-def get_attention(name: str, chunk_size: int = 128):
+def get_attention(name: str, chunk_size: int = CHUNK_SIZE):
     """The attention function of a fixed form: naive, chunked, recurrent or loop."""
     table = {
         "naive": naive_attention,

@@ -33,8 +33,12 @@ import torch
 
 from bdh.ops.naive import decay_powers, naive_attention, state_dtype
 
+# the default chunk length (memory/speed trade-off only, results are the same); 128 and 256 are
+# within 8 % of each other for small and paper-25m (benchmarks/README.md)
+CHUNK_SIZE = 256
 
-def chunked_attention(q, k, v, initial_state=None, decay=None, output_final_state=True, chunk_size=128):
+
+def chunked_attention(q, k, v, initial_state=None, decay=None, output_final_state=True, chunk_size=CHUNK_SIZE):
     """Same signature and result as bdh.ops.naive.naive_attention; see there for shapes."""
     T = q.shape[-2]
     C = chunk_size
