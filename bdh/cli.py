@@ -8,6 +8,7 @@
     bdh sweep     validation loss against parameter count at several sizes, with power-law fits
     bdh inspect   sparsity, synapses, concept synapses and the neuron graph: report.json + .html
     bdh bench     the speed and memory benchmarks of benchmarks/ (JSON out)
+    bdh explore   a local web app to watch a model read, fire neurons, grow synapses and write
 
 Every problem the user can fix ends as one line `bdh: error: ...` on stderr and exit status 2.
 """
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from bdh.data.tokenizers import TextStream
 from bdh.errors import UserError
 from bdh.precision import DEVICE_HELP, resolve_device
 
@@ -212,40 +214,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.write("\n")
     out.flush()
     return 0
-
-
-class TextStream:
-    """Decode tokens incrementally and print only the new text.
-
-    A token can end inside a multi-byte UTF-8 character (bytes tokenizer, byte-level BPE): its
-    text then ends in U+FFFD and is held back until the following tokens complete it.
-    """
-
-    def __init__(self, tokenizer, out):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.prefix = 0  # ids[prefix:read] were printed already; decoding from prefix keeps context
-        self.read = 0
-
-    def push(self, token: int) -> None:
-        self.ids.append(token)
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(text) > len(done) and not text.endswith("\ufffd"):
-            self._write(text[len(done):])
-            self.prefix, self.read = self.read, len(self.ids)
-
-    def close(self) -> None:
-        """Print whatever is still held back (a character that never completed shows as U+FFFD)."""
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(text) > len(done):
-            self._write(text[len(done):])
-        self.prefix = self.read = len(self.ids)
-
-    def _write(self, text: str) -> None:
-        self.out.write(text)
-        self.out.flush()
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -570,6 +538,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# bdh explore
+
+def add_explore_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, action="append", metavar="DIR",
+                        help="checkpoint or run directory; give it twice to see two models side by side")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=_parse_as(int), default=8765, metavar="N",
+                        help="port to listen on; 0 picks a free one (default: 8765)")
+    parser.add_argument("--no-browser", action="store_true", help="serve without opening a browser")
+    parser.add_argument("--max-chars", type=_parse_as(int), default=4000, metavar="N",
+                        help="longest text a request may carry, in characters (default: 4000)")
+    parser.add_argument("--max-new-tokens", type=_parse_as(int), default=500, metavar="N",
+                        help="most tokens one generation may ask for (default: 500)")
+    parser.add_argument("--max-concurrent", type=_parse_as(int), default=4, metavar="N",
+                        help="requests served at once; more are refused with 429 (default: 4)")
+    add_device_arg(parser)
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from bdh.explore import serve
+    from bdh.explore.server import Limits
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must lie in 0..65535, got {args.port}")
+    limits = Limits(max_chars=args.max_chars, max_new_tokens=args.max_new_tokens, max_concurrent=args.max_concurrent)
+    serve(args.ckpt, host=args.host, port=args.port, open_browser=not args.no_browser,
+          device=resolve_device(args.device), limits=limits)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # the table and main
 
 @dataclasses.dataclass(frozen=True)
@@ -588,6 +588,7 @@ COMMANDS: dict[str, Command] = {
     "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),
     "inspect": Command(cmd_inspect, add_inspect_args, "sparsity, synapses, concepts, neuron graph: a report"),
     "bench": Command(cmd_bench, add_bench_args, "speed and memory benchmarks (JSON)"),
+    "explore": Command(cmd_explore, add_explore_args, "a local web app: watch a model read, think and write"),
 }
 
 

@@ -320,3 +320,37 @@ def _write_config(directory: Path, tokenizer: ByteTokenizer | BPETokenizer) -> N
     """The sidecar that records which kind of tokenizer tokenizer.json holds."""
     _write_json(directory / CONFIG_FILE,
                 {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size})
+
+
+class TextStream:
+    """Decode tokens incrementally and print only the new text.
+
+    A token can end inside a multi-byte UTF-8 character (bytes tokenizer, byte-level BPE): its
+    text then ends in U+FFFD and is held back until the following tokens complete it.
+    """
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] were printed already; decoding from prefix keeps context
+        self.read = 0
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self._write(text[len(done):])
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def close(self) -> None:
+        """Print whatever is still held back (a character that never completed shows as U+FFFD)."""
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) > len(done):
+            self._write(text[len(done):])
+        self.prefix = self.read = len(self.ids)
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
