@@ -153,7 +153,7 @@ class App:
 
     async def generate(self, request: Request):
         explorer, body, text = await self._request(request)
-        steps = field(body, "max_new_tokens", int, 100, 1, self.limits.max_new_tokens)
+        steps = field(body, "max_new_tokens", int, min(100, self.limits.max_new_tokens), 1, self.limits.max_new_tokens)
         temperature = field(body, "temperature", float, 1.0, 0.0, 100.0)
         top_k = field(body, "top_k", int, None, 1)
         seed = field(body, "seed", int, 0, 0, 2 ** 63 - 1)
@@ -173,9 +173,12 @@ class App:
                     yield json.dumps(event) + "\n"
             except UserError as err:
                 yield json.dumps({"error": str(err)}) + "\n"
-            finally:
-                events.close()
+            finally:  # also when the client goes away mid-stream
                 self.slots.give()
+                try:
+                    events.close()
+                except ValueError:  # a step is running in its thread; the generator is dropped after it
+                    pass
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
