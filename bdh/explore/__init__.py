@@ -73,7 +73,7 @@ def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8765
     from bdh.explore.server import Limits, create_app
 
     explorers = load_explorers(paths, device)
-    app = create_app(explorers, limits or Limits())
+    app = create_app(explorers, limits or Limits(), local_only=is_loopback(host))
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host

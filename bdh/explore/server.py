@@ -78,6 +78,9 @@ class Slots:
 
 # reading a request ---------------------------------------------------------------------------
 async def read_body(request: Request, limits: Limits) -> dict:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # a web page elsewhere cannot send this without the browser asking first (CORS)
+        raise ApiError(415, f"send the request as JSON (Content-Type: application/json), not {kind or 'nothing'}")
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > limits.max_body:
         raise ApiError(413, f"request body of {int(size):,} bytes is over the limit of {limits.max_body:,}")
@@ -218,9 +221,34 @@ class App:
         return Starlette(routes=routes, exception_handlers=handlers)
 
 
-def create_app(explorers: Sequence[Explorer], limits: Limits = Limits()) -> Starlette:
-    """The ASGI app for these models (serve it with uvicorn, test it with starlette's TestClient)."""
-    return App(explorers, limits).starlette()
+def create_app(explorers: Sequence[Explorer], limits: Limits = Limits(), local_only: bool = False):
+    """The ASGI app for these models (serve it with uvicorn, test it with starlette's TestClient).
+
+    local_only: answer only requests addressed to this machine by name (Host: 127.0.0.1, localhost
+    or ::1), so that a web page elsewhere cannot reach the app by pointing a DNS name at 127.0.0.1.
+    """
+    app = App(explorers, limits).starlette()
+    return LocalHostOnly(app) if local_only else app
+
+
+class LocalHostOnly:
+    """ASGI middleware: refuse (400) a request whose Host header names another machine."""
+
+    HOSTS = ("127.0.0.1", "localhost", "::1")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host if host.endswith("]") else host.rsplit(":", 1)[0]
+            if name.strip("[]") not in self.HOSTS:
+                refuse = JSONResponse({"error": f"this server answers requests to {', '.join(self.HOSTS)} only, "
+                                                f"not {host or 'no host'}"}, status_code=400)
+                await refuse(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _api_error(request: Request, err: ApiError):

@@ -91,7 +91,9 @@ def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(client):
         response = client.post("/api/read", content=raw, headers={"content-type": "application/json"})
         assert response.status_code == 400 and "JSON object" in response.json()["error"]
     big = json.dumps({"text": "a" * 100_000}).encode()
-    assert client.post("/api/read", content=big).status_code == 413
+    assert client.post("/api/read", content=big, headers={"content-type": "application/json"}).status_code == 413
+    form = client.post("/api/read", content=b'{"text": "a"}', headers={"content-type": "text/plain"})
+    assert form.status_code == 415 and "Content-Type: application/json" in form.json()["error"]
     assert client.get("/api/read").status_code == 405
     assert client.get("/api/nothing").status_code == 404
     assert client.get("/static/../server.py").status_code == 404
@@ -138,3 +140,13 @@ def test_limits_must_be_positive():
 
     with pytest.raises(UserError, match="max-chars must be at least 1"):
         Limits(max_chars=0)
+
+
+def test_a_local_server_refuses_requests_addressed_to_another_host(explorers):
+    app = create_app(explorers, local_only=True)
+    for base in ("http://127.0.0.1:8765", "http://localhost:8765", "http://[::1]:8765"):
+        with TestClient(app, base_url=base) as client:
+            assert client.post("/api/read", json={"text": "a"}).status_code == 200
+    with TestClient(app, base_url="http://attacker.example:8765") as client:
+        refused = client.get("/")
+        assert refused.status_code == 400 and "not attacker.example:8765" in refused.json()["error"]

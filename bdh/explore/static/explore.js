@@ -139,7 +139,7 @@ async function readColumn(col, text) {
     `${data.n_tokens} tokens · mean loss ${fmt(data.mean_loss)} nats/token`;
   renderTokens(col);
   if (col.concepts) await findConcepts(col);
-  await selectPosition(col, data.n_tokens - 1);
+  await selectPosition(col, data.n_tokens - 1, true);
 }
 
 function yShare(col, t) {
@@ -186,7 +186,13 @@ function paintFires(col) {
   if (col.fires) for (const t of col.fires) if (spans[t]) spans[t].classList.add("concept");
 }
 
-async function selectPosition(col, t) {
+// Choosing a position in one column chooses it in the others that read the same tokens.
+async function selectPosition(col, t, alone = false) {
+  if (!alone) {
+    const same = (c) => c !== col && c.read && c.read.ids.length === col.read.ids.length &&
+                        c.read.ids.every((id, k) => id === col.read.ids[k]);
+    columns.filter(same).forEach(c => selectPosition(c, t, true));
+  }
   col.pos = t;
   col.root.querySelectorAll(".tokens .tok.selected").forEach(s => s.classList.remove("selected"));
   const span = col.root.querySelector(`.tokens .tok[data-t="${t}"]`);
