@@ -14,7 +14,8 @@ const el = (tag, attrs = {}, ...children) => {
   for (const c of children) node.append(c);
   return node;
 };
-const fmt = (v, d = 3) => (v === null || v === undefined ? "–" : Number(v).toPrecision(d));
+const fmt = (v, d = 3) => (v === null || v === undefined ? "–"
+  : Math.abs(v) >= 10 ** d ? Number(v).toFixed(0) : Number(v).toPrecision(d));
 const pct = (v) => (100 * v).toFixed(1) + "%";
 
 let MODELS = [];
@@ -53,6 +54,7 @@ function heat(v) {  // v in [0, 1]
 
 // a small line chart: series [{values, colour, right}] over positions; marker: a position to mark.
 function chart(canvas, series, marker = null, onPick = null) {
+  canvas.setAttribute("data-drawn", "1");  // shown from now on, so that it has a width to measure
   const w = canvas.clientWidth || 600, h = canvas.height;
   canvas.width = w;
   const g = canvas.getContext("2d");
