@@ -323,7 +323,8 @@ def _write_config(directory: Path, tokenizer: ByteTokenizer | BPETokenizer) -> N
 
 
 class TextStream:
-    """Decode tokens incrementally and print only the new text.
+    """Decode tokens incrementally and write only the new text to `out` (anything with write and
+    flush: stdout for `bdh generate`, a list for `bdh explore`).
 
     A token can end inside a multi-byte UTF-8 character (bytes tokenizer, byte-level BPE): its
     text then ends in U+FFFD and is held back until the following tokens complete it.

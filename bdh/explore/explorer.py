@@ -14,7 +14,6 @@ one layer's weights across layers).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,14 +33,6 @@ from bdh.rundir import load_checkpoint_tokenizer, resolve_checkpoint
 #: tokens per forward when reading a text (the state is carried between pieces: same results, less memory)
 CHUNK = 256
 DEFAULT_CONTRAST = ("money_en", "weather_en")
-
-
-@dataclass
-class Collected:
-    """What one read of a text gave: logits (T, V) and the captured reductions."""
-
-    logits: torch.Tensor
-    values: dict
 
 
 class Explorer:
@@ -91,14 +82,14 @@ class Explorer:
             raise UserError(f"position {position} is outside the text, which has {len(ids)} tokens (0..{len(ids) - 1})")
 
     # one pass over a text, with activations reduced as they come ---------------------------------
-    def _collect(self, ids: Sequence[int], sites: Sequence[str], reduce) -> Collected:
-        """Read ids in pieces of CHUNK tokens (state carried); reduce(values, site, layer, start, act)
-        sees each captured activation act (nh, T_piece, N) of the piece starting at `start`."""
-        values: dict = {}
+    def _collect(self, ids: Sequence[int], sites: Sequence[str], reduce) -> torch.Tensor:
+        """Read ids in pieces of CHUNK tokens (state carried) and return the logits (T, V);
+        reduce(site, layer, start, act) sees each captured activation act (nh, T_piece, N) of the
+        piece starting at position `start`."""
         start = 0
 
         def record(site: str, layer: int, act: torch.Tensor) -> None:
-            reduce(values, site, layer, start, act[0])
+            reduce(site, layer, start, act[0])
 
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         logits, state = [], None
@@ -108,7 +99,7 @@ class Explorer:
                 out = self.model(idx[:, start:start + CHUNK], state=state)
                 logits.append(out.logits[0].float().cpu())
                 state = out.state
-        return Collected(torch.cat(logits), values)
+        return torch.cat(logits)
 
     # Read: per position, the next-token distribution, the loss, how many neurons fire -------------
     def read(self, text: str, top: int = 5) -> dict:
@@ -117,11 +108,10 @@ class Explorer:
         T = len(ids)
         counts = {site: torch.zeros(T, self.n_layer, self.n_head, dtype=torch.long) for site in ("x", "y")}
 
-        def reduce(values, site, layer, start, act):  # act: nh, T_piece, N
+        def reduce(site, layer, start, act):  # act: nh, T_piece, N
             counts[site][start:start + act.shape[1], layer] = (act > 0).sum(dim=-1).T
 
-        run = self._collect(ids, ("x", "y"), reduce)
-        logp = torch.log_softmax(run.logits, dim=-1)  # T, V
+        logp = torch.log_softmax(self._collect(ids, ("x", "y"), reduce), dim=-1)  # T, V
         probs, cand = torch.topk(logp.exp(), min(top, logp.shape[-1]), dim=-1)  # T, k
         targets = torch.tensor(ids[1:], dtype=torch.long)
         loss = (-logp[:-1].gather(1, targets[:, None])[:, 0]).tolist() + [None]
@@ -152,7 +142,7 @@ class Explorer:
         self._check_position(ids, position)
         keep = {}
 
-        def reduce(values, site, layer, start, act):
+        def reduce(site, layer, start, act):
             if start <= position < start + act.shape[1]:
                 keep[(site, layer)] = act[:, position - start].clone()  # nh, N
 
@@ -177,7 +167,7 @@ class Explorer:
         ids = self.encode(text)
         trace = torch.zeros(len(ids))
 
-        def reduce(values, s, l, start, act):
+        def reduce(s, l, start, act):
             if s == site and l == layer:
                 trace[start:start + act.shape[1]] = act[head, :, neuron]
 
