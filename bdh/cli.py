@@ -351,7 +351,8 @@ def _eval_translation(args, directory, model, tokenizer, trained: dict, device) 
     for name, entry in report["directions"].items():
         scores = f", chrF {entry['chrf']:.1f}, BLEU {entry['bleu']:.1f} on {entry['scored_pairs']} pairs" \
             if "chrf" in entry else ""
-        print(f"  {name}: target loss {entry['target_loss']:.4f}{scores}")
+        loss = "n/a (no target read)" if entry["target_loss"] is None else f"{entry['target_loss']:.4f}"
+        print(f"  {name}: target loss {loss}{scores}")
     return 0
 
 
@@ -558,6 +559,37 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                      overwrite=args.overwrite, command=_command_line(args)))
 
 
+def add_merging_args(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Trains a base model on --data (default bible:en-es), fine-tunes a copy of it on each pair of "
+                     "--tunes, merges the two copies (bdh merge) and scores the four models on the test pairs of "
+                     "every pair: per-direction target loss and chrF. Every run gets the training options given "
+                     "(--max-iters / --max-minutes per run). Writes DIR/base, DIR/tune-*, DIR/merged, merging.md, "
+                     "merging.json and merging.png; running it again reuses what is finished.")
+    parser.add_argument("--out", dest="experiment_dir", required=True, metavar="DIR", help="directory of the experiment")
+    parser.add_argument("--overwrite", action="store_true", help="train and evaluate everything from the start")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of training options shared by every run")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one BDH config field of the base model (repeatable)")
+    parser.add_argument("--tunes", default="bible:en-fr,bible:en-de", metavar="PAIRS",
+                        help="the two language pairs of the fine-tuned copies (default: bible:en-fr,bible:en-de)")
+    parser.add_argument("--pairs", type=_parse_as(int), default=50, metavar="N",
+                        help="test pairs translated per direction for chrF (default: 50)")
+    parser.add_argument("--eval-batches", type=_parse_as(int), default=20, metavar="N",
+                        help="windows per lane for the test loss (default: 20)")
+    add_train_fields(parser, skip=("model_type", "out", "init_from", "task"))
+    parser.set_defaults(data="bible:en-es")
+
+
+def cmd_merging(args: argparse.Namespace) -> int:
+    from bdh.experiments.merging import merging
+
+    args.task = "translate"
+    cfg, _ = train_config_from_args(args)
+    tunes = [t.strip() for t in args.tunes.split(",") if t.strip()]
+    return _experiment(lambda: merging(cfg, args.experiment_dir, tunes, args.pairs, args.eval_batches,
+                                       overwrite=args.overwrite, command=_command_line(args)))
+
+
 def _experiment(run: Callable[[], Any]) -> int:
     """A failed training run is one error line (exit 1); Ctrl-C says how to resume (exit 130)."""
     from bdh.experiments import RunFailed
@@ -704,6 +736,7 @@ COMMANDS: dict[str, Command] = {
     "info": Command(cmd_info, add_info_args, "a checkpoint's config, parameter counts and training summary"),
     "compare": Command(cmd_compare, add_compare_args, "train BDH and a GPT of its size alike; table and curves"),
     "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),
+    "merging": Command(cmd_merging, add_merging_args, "the merging experiment: base, two fine-tuned copies, merge, table"),
     "inspect": Command(cmd_inspect, add_inspect_args, "sparsity, synapses, concepts, neuron graph: a report"),
     "bench": Command(cmd_bench, add_bench_args, "speed and memory benchmarks (JSON)"),
 }

@@ -32,7 +32,8 @@ class EvalResult:
         """Flat metrics: loss, bits/byte, perplexity and (translation) the target loss of each direction."""
         out = {f"{prefix}loss": self.loss, f"{prefix}bpb": self.bpb, f"{prefix}ppl": self.ppl}
         for name, t in self.targets.items():
-            out[f"{prefix}target_loss[{name}]"] = t["loss"]
+            if t["loss"] is not None:
+                out[f"{prefix}target_loss[{name}]"] = t["loss"]
         return out
 
 
@@ -117,7 +118,8 @@ def evaluate_tagged(model, tagged, batch_size: int, block_size: int, max_batches
                 counts[k] += mask.sum()
     finally:
         model.train(was_training)
-    targets = {name: {"loss": float(sums[k] / max(counts[k], 1)), "tokens": int(counts[k])}
+    # a direction with no target in the windows read has no loss (None), not a loss of 0
+    targets = {name: {"loss": float(sums[k] / counts[k]) if counts[k] else None, "tokens": int(counts[k])}
                for k, name in enumerate(tagged.directions)}
     return _result(float(sums[-1]), int(counts[-1]), token_byte_ratio, targets)
 

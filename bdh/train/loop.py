@@ -497,7 +497,8 @@ class Trainer:
         p.last_val = {"step": p.step, **result.to_dict()}
         if p.best_val_loss is None or result.loss < p.best_val_loss:
             p.best_val_loss, p.best_step = result.loss, p.step
-        targets = "".join(f", {name} target loss {t['loss']:.4f}" for name, t in result.targets.items())
+        targets = "".join(f", {name} target loss {t['loss']:.4f}" for name, t in result.targets.items()
+                          if t["loss"] is not None)
         self.say(f"step {p.step}: val loss {result.loss:.4f}, {result.bpb:.4f} bits/byte, ppl {result.ppl:.2f}{targets}")
         return result
 
