@@ -146,7 +146,8 @@ def plot_table(table, directions: list[str], path: Path) -> None:
     width = 0.8 / max(len(table), 1)
     for i, (name, row) in enumerate(table.items()):
         xs = [j + (i - (len(table) - 1) / 2) * width for j in range(len(directions))]
-        ax.bar(xs, [row[d]["loss"] for d in directions], width, label=name)
+        losses = [row[d]["loss"] if row[d]["loss"] is not None else float("nan") for d in directions]
+        ax.bar(xs, losses, width, label=name)
     ax.set_xticks(range(len(directions)), directions)
     ax.set_ylabel("target loss (nats/token), test pairs")
     ax.set_title("Merging fine-tuned copies (paper Section 7.1, Table 2)")

@@ -97,13 +97,13 @@ def test_pipeline_data_train_translate_finetune_merge_eval(tmp_path, capsys):
     assert main(["train", *tiny_flags(fr, tuned, *flags, "--init-from", str(base), steps=4)]) == 0
     assert main(["merge", str(base), str(tuned), "--out", str(merged)]) == 0
     capsys.readouterr()
-    for ckpt, data in ((merged, fr), (merged, es), (base, es)):
-        assert main(["eval", "--ckpt", str(ckpt), "--task", "translate", "--data", str(data), "--pairs", "3",
-                     "--json"]) == 0
+    for data in (fr, es):
+        assert main(["eval", "--ckpt", str(merged), "--task", "translate", "--data", str(data), "--pairs", "2",
+                     "--max-batches", "4", "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert set(report["directions"]) == {f"en->{data.stem[3:]}", f"{data.stem[3:]}->en"}
         for entry in report["directions"].values():
-            assert entry["scored_pairs"] == 3 and 0 <= entry["chrf"] <= 100 and entry["target_loss"] > 0
+            assert entry["scored_pairs"] == 2 and 0 <= entry["chrf"] <= 100 and entry["target_loss"] > 0
     assert main(["generate", "--ckpt", str(merged), "--prompt", "<en> ", "--max-new-tokens", "5", "--seed", "0"]) == 0
     assert main(["info", "--ckpt", str(merged)]) == 0
     assert "mlp_internal_dim_multiplier: 32" in capsys.readouterr().out
