@@ -698,6 +698,45 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_concepts_args(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("For each language: the synapses that grow most on the concept sentences against the control "
+                     "ones (one-sided Mann-Whitney U, Bonferroni over every synapse), then the best ones tested on "
+                     "the other languages' sentences: is there a monosemantic synapse, and is it the same in both?")
+    parser.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint or run directory (a BDH model)")
+    parser.add_argument("--concept", default="money", help="shipped concept set, read as NAME_<lang> (default: money)")
+    parser.add_argument("--control", default="weather", help="shipped control set (default: weather)")
+    parser.add_argument("--langs", default="en,es", help="languages, comma-separated (default: en,es)")
+    parser.add_argument("--top-k", type=_parse_as(int), default=5, metavar="K", help="synapses kept per language")
+    parser.add_argument("--no-tags", action="store_true", help="read sentences without the `<lang> ` tag")
+    add_device_arg(parser)
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def cmd_concepts(args: argparse.Namespace) -> int:
+    from bdh.checkpoint import load_model
+    from bdh.interp.bilingual import bilingual_concepts
+    from bdh.interp.concepts import contrast_set
+    from bdh.rundir import load_checkpoint_tokenizer, resolve_checkpoint
+
+    langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
+    sets = {lang: (contrast_set(f"{args.concept}_{lang}"), contrast_set(f"{args.control}_{lang}")) for lang in langs}
+    directory = resolve_checkpoint(args.ckpt)
+    model = load_model(directory, device=resolve_device(args.device))
+    tokenizer = load_checkpoint_tokenizer(directory, model.config.vocab_size)
+    result = bilingual_concepts(model, tokenizer, sets, tagged=not args.no_tags, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for lang, r in result.items():
+        print(f"{lang}: {r['n_synapses']:,} synapses searched, {r['n_concept']} + {r['n_control']} sentences; "
+              f"{r['significant']} of the top {len(r['top'])} significant after Bonferroni")
+        for d in r["top"]:
+            other = ", ".join(f"in {o}: U {v['U']:.0f}/{v['U_max']}, p {v['p']:.2g}" for o, v in d["other"].items())
+            print(f"  layer {d['layer']} head {d['head']} {d['i']}->{d['j']}: U {d['U']:.0f}/{d['U_max']}, "
+                  f"p {d['p']:.2g}, Bonferroni p {d['p_bonferroni']:.2g}, r {d['rank_biserial']:.2f}; {other}")
+    return 0
+
+
 BENCHMARKS = ("train_step", "generate", "sparse_decode")
 
 
@@ -738,6 +777,7 @@ COMMANDS: dict[str, Command] = {
     "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),
     "merging": Command(cmd_merging, add_merging_args, "the merging experiment: base, two fine-tuned copies, merge, table"),
     "inspect": Command(cmd_inspect, add_inspect_args, "sparsity, synapses, concepts, neuron graph: a report"),
+    "concepts": Command(cmd_concepts, add_concepts_args, "concept synapses of a bilingual model, tested across languages"),
     "bench": Command(cmd_bench, add_bench_args, "speed and memory benchmarks (JSON)"),
 }
 
