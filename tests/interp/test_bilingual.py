@@ -12,7 +12,7 @@ from bdh.interp.concepts import contrast_set
 
 
 def test_same_sentences_in_two_languages_give_the_same_test():
-    """Re-testing a synapse on the very sentences it was found on reproduces its U and p exactly."""
+    """Re-testing a synapse on the very sentences it was found on reproduces its U exactly."""
     model = BDH(BDHConfig.from_name("tiny", mlp_internal_dim_multiplier=4)).eval()
     concept, control = contrast_set("money_en")[:8], contrast_set("weather_en")[:8]
     result = bilingual_concepts(model, ByteTokenizer(), {"en": (concept, control), "xx": (concept, control)},
@@ -21,7 +21,9 @@ def test_same_sentences_in_two_languages_give_the_same_test():
         top = result[lang]["top"]
         assert len(top) == 3 and result[lang]["n_synapses"] == 1 * 2 * 64 ** 2  # synapse layers (n_layer - 1) x heads x N^2
         for d in top:
-            assert d["other"][other]["U"] == d["U"] and d["other"][other]["p"] == pytest.approx(d["p"])
+            # (p may differ: scipy picks the exact or the asymptotic method from the ties of all columns tested)
+            assert d["other"][other]["U"] == d["U"]
+            assert d["other"][other]["rank_biserial"] == pytest.approx(d["rank_biserial"])
 
 
 def test_concepts_command(tmp_path, capsys):
