@@ -162,16 +162,30 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="\n", help="text to continue; '-' reads it from stdin (default: a newline)")
     parser.add_argument("--max-new-tokens", type=_parse_as(int), default=200, metavar="N",
                         help="tokens to generate (default: 200)")
-    parser.add_argument("--temperature", type=_parse_as(float), default=1.0, metavar="T",
-                        help="sampling temperature; 0 is greedy (default: 1.0)")
+    add_sampling_args(parser, temperature=1.0)
+    add_device_arg(parser)
+    parser.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
+                        help="print the prompt before the generated text (default: on)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> None:
+    """--temperature --top-k --top-p --seed, shared by generate and translate."""
+    parser.add_argument("--temperature", type=_parse_as(float), default=temperature, metavar="T",
+                        help=f"sampling temperature; 0 is greedy (default: {temperature:g})")
     parser.add_argument("--top-k", type=_parse_as(int), default=None, metavar="K",
                         help="sample among the K most likely tokens only (default: all)")
     parser.add_argument("--top-p", type=_parse_as(float), default=None, metavar="P",
                         help="nucleus sampling: the smallest set of tokens with probability >= P (default: off)")
     parser.add_argument("--seed", type=_parse_as(int), default=None, help="random seed (default: unseeded)")
-    add_device_arg(parser)
-    parser.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
-                        help="print the prompt before the generated text (default: on)")
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    if args.temperature < 0:
+        raise UserError(f"--temperature must not be negative, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -184,12 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must not be negative, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    check_sampling_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     device = resolve_device(args.device)
     directory = resolve_checkpoint(args.ckpt)
@@ -367,13 +376,7 @@ def add_translate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", dest="tgt", required=True, metavar="LANG", help="target language tag, e.g. es")
     parser.add_argument("--max-new-tokens", type=_parse_as(int), default=None, metavar="N",
                         help="longest translation (default: twice the prompt's tokens plus 16)")
-    parser.add_argument("--temperature", type=_parse_as(float), default=0.0, metavar="T",
-                        help="sampling temperature; 0 is greedy (default: 0)")
-    parser.add_argument("--top-k", type=_parse_as(int), default=None, metavar="K",
-                        help="sample among the K most likely tokens only (default: all)")
-    parser.add_argument("--top-p", type=_parse_as(float), default=None, metavar="P",
-                        help="nucleus sampling: the smallest set of tokens with probability >= P (default: off)")
-    parser.add_argument("--seed", type=_parse_as(int), default=None, help="random seed (default: unseeded)")
+    add_sampling_args(parser, temperature=0.0)
     add_device_arg(parser)
 
 
@@ -386,12 +389,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must not be negative, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    check_sampling_args(args)
     text = sys.stdin.read() if args.text == "-" else args.text
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
