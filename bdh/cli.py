@@ -509,7 +509,7 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpt-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="hold one field of the matched GPT, e.g. --gpt-arg pos_encoding=alibi "
                              "(repeatable; default: GPT-2 shape with learned positions for --block-size)")
-    add_train_fields(parser, skip=("model_type", "out"))
+    add_train_fields(parser, skip=("model_type", "out", "init_from"))
 
 
 def add_compare_args(parser: argparse.ArgumentParser) -> None:
