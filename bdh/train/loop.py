@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from bdh import registry
 from bdh.checkpoint import read_model_config
-from bdh.data import RandomBatches, StreamBatches, encode_prompt, load_corpus, load_tokenizer, make_tokenizer, tokenize_corpus
+from bdh.data import RandomBatches, StreamBatches, encode_prompt, load_corpus, make_tokenizer, tokenize_corpus
 from bdh.data.batches import eval_batches
 from bdh.data.parallel import is_parallel_spec, load_parallel, tag, translation_corpus, translation_tokens
 from bdh.errors import UserError
