@@ -10,7 +10,7 @@ Sources (the `--data` spec of `bdh train --task translate`):
 - `en=europarl.en,es=europarl.es`: two line-aligned files, one sentence per line.
 User pairs keep their order and are split into contiguous blocks (train, then validation, then test).
 
-The stream (the training format of the paper, Section 7: tagged pairs in one byte stream): each
+The stream (the paper's translation training format: tagged pairs in one byte stream): each
 pair becomes `<src> source\\n<tgt> target\\n`, its direction drawn per pair, and the pairs follow
 each other in their order, so consecutive minibatches continue each other. Every token carries a
 role: -1 for context (tags, source), k for a target token of direction k, so evaluation can score

@@ -1,4 +1,4 @@
-"""Concept synapses in a bilingual model: the paper's question (Section 6.3) in two languages.
+"""Concept synapses in a bilingual model: the paper's question, asked in two languages.
 
 For each language, the synapses that grow more on concept sentences than on control sentences are
 ranked by the one-sided Mann-Whitney test of bdh.interp.concepts (p_bonferroni corrects for every

@@ -102,7 +102,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _types()[f.name]))
         if self.task == "translate":
-            self.stream = True  # the pairs follow each other and the state is carried (paper Section 7)
+            self.stream = True  # pairs follow each other, the state carried: how the paper trains translation
         self.validate()
 
     def validate(self) -> None:
