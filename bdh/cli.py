@@ -768,14 +768,14 @@ COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, add_train_args, "train a model (resumable; distributed under torchrun)"),
     "generate": Command(cmd_generate, add_generate_args, "sample text from a checkpoint, streamed as it comes"),
     "eval": Command(cmd_eval, add_eval_args, "validation loss, bits per byte and perplexity of a checkpoint"),
-    "translate": Command(cmd_translate, add_translate_args, "translate text with a model trained on --task translate"),
-    "merge": Command(cmd_merge, add_merge_args, "merge two BDH models by concatenating their neurons"),
+    "translate": Command(cmd_translate, add_translate_args, "translate text with a translation model"),
+    "merge": Command(cmd_merge, add_merge_args, "merge two BDH models, neurons side by side"),
     "info": Command(cmd_info, add_info_args, "a checkpoint's config, parameter counts and training summary"),
     "compare": Command(cmd_compare, add_compare_args, "train BDH and a GPT of its size alike; table and curves"),
     "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),
-    "merging": Command(cmd_merging, add_merging_args, "the merging experiment: base, two fine-tuned copies, merge, table"),
+    "merging": Command(cmd_merging, add_merging_args, "the merging experiment, table and plot"),
     "inspect": Command(cmd_inspect, add_inspect_args, "sparsity, synapses, concepts, neuron graph: a report"),
-    "concepts": Command(cmd_concepts, add_concepts_args, "concept synapses of a bilingual model, tested across languages"),
+    "concepts": Command(cmd_concepts, add_concepts_args, "concept synapses tested across languages"),
     "bench": Command(cmd_bench, add_bench_args, "speed and memory benchmarks (JSON)"),
 }
 

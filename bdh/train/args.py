@@ -34,11 +34,11 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict, metadata={"flag": None})
     """model-config fields that replace the preset's (YAML `model:` mapping, --model-arg KEY=VALUE)"""
     task: str = field(default="lm", metadata={"choices": TASKS})
-    """lm: next-token prediction on text; translate: sentence pairs as one tagged stream, always trained in stream mode, validated also on each direction's target tokens alone"""
+    """lm: predict the next token of text; translate: sentence pairs as one tagged stream, always trained in stream mode, validated also on the target tokens of each direction alone"""
     data: str = "shakespeare"
-    """corpus: 'shakespeare', a text file, a directory of .txt files, or a glob; for --task translate: bible:en-es (two of en, es, fr, it, de), a .tsv of pairs whose header names the languages, or en=FILE,es=FILE"""
+    """corpus: 'shakespeare', a text file, a directory of .txt files, or a glob; with task translate, pairs: bible:LANGS (two of en es fr it de, joined by a dash), a .tsv whose header names the two languages, or LANG=FILE,LANG=FILE"""
     init_from: str | None = None
-    """start from the weights of this checkpoint (fine-tuning): its model config and tokenizer, a fresh optimizer and schedule"""
+    """start from the weights of this checkpoint (to fine tune it): its model config and tokenizer, a fresh optimizer and schedule"""
     val_fraction: float = 0.1
     """share of the corpus held out for validation"""
     tokenizer: str = "bytes"
