@@ -2,7 +2,9 @@
 
     bdh train     train a model (BDH or the GPT baseline), resume a run, distributed with torchrun
     bdh generate  sample from a checkpoint, streaming the text as it comes
-    bdh eval      loss, bits per byte and perplexity of a checkpoint on text
+    bdh eval      loss, bits per byte and perplexity of a checkpoint on text (--task translate: per direction)
+    bdh translate translate text with a model trained on --task translate
+    bdh merge     merge two BDH models by concatenating their neurons
     bdh info      a checkpoint's config, parameter counts and training summary
     bdh compare   BDH against the GPT baseline of the same parameter count, trained alike
     bdh sweep     validation loss against parameter count at several sizes, with power-law fits
@@ -162,16 +164,30 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="\n", help="text to continue; '-' reads it from stdin (default: a newline)")
     parser.add_argument("--max-new-tokens", type=_parse_as(int), default=200, metavar="N",
                         help="tokens to generate (default: 200)")
-    parser.add_argument("--temperature", type=_parse_as(float), default=1.0, metavar="T",
-                        help="sampling temperature; 0 is greedy (default: 1.0)")
+    add_sampling_args(parser, temperature=1.0)
+    add_device_arg(parser)
+    parser.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
+                        help="print the prompt before the generated text (default: on)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> None:
+    """--temperature --top-k --top-p --seed, shared by generate and translate."""
+    parser.add_argument("--temperature", type=_parse_as(float), default=temperature, metavar="T",
+                        help=f"sampling temperature; 0 is greedy (default: {temperature:g})")
     parser.add_argument("--top-k", type=_parse_as(int), default=None, metavar="K",
                         help="sample among the K most likely tokens only (default: all)")
     parser.add_argument("--top-p", type=_parse_as(float), default=None, metavar="P",
                         help="nucleus sampling: the smallest set of tokens with probability >= P (default: off)")
     parser.add_argument("--seed", type=_parse_as(int), default=None, help="random seed (default: unseeded)")
-    add_device_arg(parser)
-    parser.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
-                        help="print the prompt before the generated text (default: on)")
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    if args.temperature < 0:
+        raise UserError(f"--temperature must not be negative, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -184,12 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must not be negative, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    check_sampling_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     device = resolve_device(args.device)
     directory = resolve_checkpoint(args.ckpt)
@@ -244,6 +255,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                         help="evaluate at most N batches, spread evenly over the text (default: all)")
     add_device_arg(parser)
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    translate = parser.add_argument_group("--task translate")
+    translate.add_argument("--task", choices=("lm", "translate"), default=None,
+                           help="translate: per-direction target loss and chrF/BLEU on held-out pairs "
+                                "(default: the task the checkpoint was trained on, else lm)")
+    translate.add_argument("--split", choices=("test", "val"), default="test",
+                           help="which held-out pairs to score (default: test)")
+    translate.add_argument("--pairs", type=_parse_as(int), default=100, metavar="N",
+                           help="pairs translated greedily in each direction for chrF/BLEU; 0: loss only (default: 100)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -262,6 +281,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trained = state.get("train_config") if isinstance(state.get("train_config"), dict) else {}
     model = load_model(directory, device=device)
     tokenizer = load_checkpoint_tokenizer(directory, model.config.vocab_size)
+    if (args.task or trained.get("task", "lm")) == "translate":
+        return _eval_translation(args, directory, model, tokenizer, trained, device)
     if args.data is not None:
         corpus = load_corpus(args.data)
         text, what = corpus.train + corpus.val, f"all of {args.data}"
@@ -281,6 +302,100 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{what}: loss {result.loss:.4f} nats/token, {result.bpb:.4f} bits/byte, "
               f"perplexity {result.ppl:.3f} ({result.tokens:,} tokens scored)")
+    return 0
+
+
+def _eval_translation(args, directory, model, tokenizer, trained: dict, device) -> int:
+    from bdh.data.parallel import load_parallel
+    from bdh.train.translation import evaluate_translation
+
+    data = args.data or trained.get("data")
+    if not data:
+        raise UserError(f"{directory} records no training data: pass --data bible:en-es (or pairs)")
+    if args.pairs < 0:
+        raise UserError(f"--pairs must not be negative, got {args.pairs}")
+    corpus = load_parallel(data, val_fraction=trained.get("val_fraction", 0.1))
+    block = args.block_size or trained.get("block_size") or 256
+    batch = args.batch_size or trained.get("batch_size") or 8
+    report = evaluate_translation(model, tokenizer, corpus, args.split, batch, block, args.max_batches, args.pairs,
+                                  device)
+    report = {"checkpoint": str(directory), "block_size": block, **report}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{corpus.name} ({args.split}, {report['pairs']} pairs): loss {report['loss']:.4f} nats/token over "
+          f"{report['tokens']:,} tokens")
+    for name, entry in report["directions"].items():
+        scores = f", chrF {entry['chrf']:.1f}, BLEU {entry['bleu']:.1f} on {entry['scored_pairs']} pairs" \
+            if "chrf" in entry else ""
+        loss = "n/a (no target read)" if entry["target_loss"] is None else f"{entry['target_loss']:.4f}"
+        print(f"  {name}: target loss {loss}{scores}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bdh translate
+
+def add_translate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="?", default="-", help="text to translate; '-' or nothing reads stdin, one "
+                        "sentence per line")
+    parser.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint or run directory")
+    parser.add_argument("--from", dest="src", required=True, metavar="LANG", help="source language tag, e.g. en")
+    parser.add_argument("--to", dest="tgt", required=True, metavar="LANG", help="target language tag, e.g. es")
+    parser.add_argument("--max-new-tokens", type=_parse_as(int), default=None, metavar="N",
+                        help="longest translation (default: twice the prompt's tokens plus 16)")
+    add_sampling_args(parser, temperature=0.0)
+    add_device_arg(parser)
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    import torch
+
+    from bdh.checkpoint import load_model
+    from bdh.rundir import load_checkpoint_tokenizer, resolve_checkpoint
+    from bdh.train.translation import translate
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_sampling_args(args)
+    text = sys.stdin.read() if args.text == "-" else args.text
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError("nothing to translate: pass TEXT or lines on stdin")
+    device = resolve_device(args.device)
+    directory = resolve_checkpoint(args.ckpt)
+    model = load_model(directory, device=device)
+    tokenizer = load_checkpoint_tokenizer(directory, model.config.vocab_size)
+    generator = torch.Generator(device=device)
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    else:
+        generator.seed()
+    for line in translate(model, tokenizer, lines, args.src, args.tgt, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, generator):
+        print(line)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bdh merge
+
+def add_merge_args(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Concatenates the two BDH models' neurons head by head (D_x, D_y, RoPE frequencies, E) and "
+                     "averages the embedding and read-out (the paper's Section 7.1); the models must share D, heads, "
+                     "layers, vocabulary and tokenizer.")
+    parser.add_argument("a", metavar="A", help="first checkpoint or run directory")
+    parser.add_argument("b", metavar="B", help="second checkpoint or run directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory of the merged checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from bdh.merge import merge_checkpoints
+
+    model = merge_checkpoints(args.a, args.b, args.out, overwrite=args.overwrite)
+    c = model.config
+    print(f"wrote {args.out}: {c.n_head} heads x {c.neurons_per_head} neurons ({model.num_params():,} parameters)")
     return 0
 
 
@@ -362,7 +477,7 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpt-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="hold one field of the matched GPT, e.g. --gpt-arg pos_encoding=alibi "
                              "(repeatable; default: GPT-2 shape with learned positions for --block-size)")
-    add_train_fields(parser, skip=("model_type", "out"))
+    add_train_fields(parser, skip=("model_type", "out", "init_from"))
 
 
 def add_compare_args(parser: argparse.ArgumentParser) -> None:
@@ -408,6 +523,37 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     gpt_fixed = parse_model_args(args.gpt_arg, "--gpt-arg")
     return _experiment(lambda: sweep(cfg, args.experiment_dir, sizes, models, gpt_fixed, fit_on=args.fit_on,
                                      overwrite=args.overwrite, command=_command_line(args)))
+
+
+def add_merging_args(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Trains a base model on --data (default bible:en-es), fine-tunes a copy of it on each pair of "
+                     "--tunes, merges the two copies (bdh merge) and scores the four models on the test pairs of "
+                     "every pair: per-direction target loss and chrF. Every run gets the training options given "
+                     "(--max-iters / --max-minutes per run). Writes DIR/base, DIR/tune-*, DIR/merged, merging.md, "
+                     "merging.json and merging.png; running it again reuses what is finished.")
+    parser.add_argument("--out", dest="experiment_dir", required=True, metavar="DIR", help="directory of the experiment")
+    parser.add_argument("--overwrite", action="store_true", help="train and evaluate everything from the start")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of training options shared by every run")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one BDH config field of the base model (repeatable)")
+    parser.add_argument("--tunes", default="bible:en-fr,bible:en-de", metavar="PAIRS",
+                        help="the two language pairs of the fine-tuned copies (default: bible:en-fr,bible:en-de)")
+    parser.add_argument("--pairs", type=_parse_as(int), default=50, metavar="N",
+                        help="test pairs translated per direction for chrF (default: 50)")
+    parser.add_argument("--eval-batches", type=_parse_as(int), default=20, metavar="N",
+                        help="windows per lane for the test loss (default: 20)")
+    add_train_fields(parser, skip=("model_type", "out", "init_from", "task"))
+    parser.set_defaults(data="bible:en-es")
+
+
+def cmd_merging(args: argparse.Namespace) -> int:
+    from bdh.experiments.merging import merging
+
+    args.task = "translate"
+    cfg, _ = train_config_from_args(args)
+    tunes = [t.strip() for t in args.tunes.split(",") if t.strip()]
+    return _experiment(lambda: merging(cfg, args.experiment_dir, tunes, args.pairs, args.eval_batches,
+                                       overwrite=args.overwrite, command=_command_line(args)))
 
 
 def _experiment(run: Callable[[], Any]) -> int:
@@ -518,6 +664,45 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_concepts_args(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("For each language: the synapses that grow most on the concept sentences against the control "
+                     "ones (one-sided Mann-Whitney U, Bonferroni over every synapse), then the best ones tested on "
+                     "the other languages' sentences: is there a monosemantic synapse, and is it the same in both?")
+    parser.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint or run directory (a BDH model)")
+    parser.add_argument("--concept", default="money", help="shipped concept set, read as NAME_<lang> (default: money)")
+    parser.add_argument("--control", default="weather", help="shipped control set (default: weather)")
+    parser.add_argument("--langs", default="en,es", help="languages, comma-separated (default: en,es)")
+    parser.add_argument("--top-k", type=_parse_as(int), default=5, metavar="K", help="synapses kept per language")
+    parser.add_argument("--no-tags", action="store_true", help="read sentences without the `<lang> ` tag")
+    add_device_arg(parser)
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def cmd_concepts(args: argparse.Namespace) -> int:
+    from bdh.checkpoint import load_model
+    from bdh.interp.bilingual import bilingual_concepts
+    from bdh.interp.concepts import contrast_set
+    from bdh.rundir import load_checkpoint_tokenizer, resolve_checkpoint
+
+    langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
+    sets = {lang: (contrast_set(f"{args.concept}_{lang}"), contrast_set(f"{args.control}_{lang}")) for lang in langs}
+    directory = resolve_checkpoint(args.ckpt)
+    model = load_model(directory, device=resolve_device(args.device))
+    tokenizer = load_checkpoint_tokenizer(directory, model.config.vocab_size)
+    result = bilingual_concepts(model, tokenizer, sets, tagged=not args.no_tags, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for lang, r in result.items():
+        print(f"{lang}: {r['n_synapses']:,} synapses searched, {r['n_concept']} + {r['n_control']} sentences; "
+              f"{r['significant']} of the top {len(r['top'])} significant after Bonferroni")
+        for d in r["top"]:
+            other = ", ".join(f"in {o}: U {v['U']:.0f}/{v['U_max']}, p {v['p']:.2g}" for o, v in d["other"].items())
+            print(f"  layer {d['layer']} head {d['head']} {d['i']}->{d['j']}: U {d['U']:.0f}/{d['U_max']}, "
+                  f"p {d['p']:.2g}, Bonferroni p {d['p_bonferroni']:.2g}, r {d['rank_biserial']:.2f}; {other}")
+    return 0
+
+
 BENCHMARKS = ("train_step", "generate", "sparse_decode")
 
 
@@ -583,10 +768,14 @@ COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, add_train_args, "train a model (resumable; distributed under torchrun)"),
     "generate": Command(cmd_generate, add_generate_args, "sample text from a checkpoint, streamed as it comes"),
     "eval": Command(cmd_eval, add_eval_args, "validation loss, bits per byte and perplexity of a checkpoint"),
+    "translate": Command(cmd_translate, add_translate_args, "translate text with a translation model"),
+    "merge": Command(cmd_merge, add_merge_args, "merge two BDH models, neurons side by side"),
     "info": Command(cmd_info, add_info_args, "a checkpoint's config, parameter counts and training summary"),
     "compare": Command(cmd_compare, add_compare_args, "train BDH and a GPT of its size alike; table and curves"),
     "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),
+    "merging": Command(cmd_merging, add_merging_args, "the merging experiment, table and plot"),
     "inspect": Command(cmd_inspect, add_inspect_args, "sparsity, synapses, concepts, neuron graph: a report"),
+    "concepts": Command(cmd_concepts, add_concepts_args, "concept synapses tested across languages"),
     "bench": Command(cmd_bench, add_bench_args, "speed and memory benchmarks (JSON)"),
     "explore": Command(cmd_explore, add_explore_args, "a local web app: watch a model read, think and write"),
 }

@@ -51,7 +51,7 @@ def test_command_help(command, capsys):
                 assert " ".join(text.split()) in out, name
         for flag in ("--batch-size", "--resume", "--overwrite", "--config", "--stream", "--model {bdh,gpt}"):
             assert flag in out
-    elif command in ("compare", "sweep"):
+    elif command in ("compare", "sweep", "merge", "merging"):
         assert "--out" in out
     elif command == "bench":
         assert "train_step" in out and "sparse_decode" in out

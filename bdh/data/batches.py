@@ -16,6 +16,7 @@ import io
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ class TokenData:
 
     train: np.ndarray
     val: np.ndarray
+    #: the translation task: the validation stream's roles and pair starts (bdh.data.parallel.TaggedTokens)
+    val_tagged: Any = None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -26,7 +26,7 @@ import torch
 
 from bdh import registry
 from bdh.baselines import param_report
-from bdh.data import encode_prompt, load_corpus, make_tokenizer, tokenize_corpus
+from bdh.data import encode_prompt
 from bdh.errors import UserError
 from bdh.fileio import read_json, write_json
 from bdh.precision import resolve_device
@@ -35,7 +35,8 @@ from bdh.train import checkpoint as ckpt_io
 from bdh.train.args import TrainConfig
 from bdh.train.distributed import DistEnv
 from bdh.train.evaluate import check_eval_length
-from bdh.train.loop import TrainingDiverged, TrainingInterrupted, build_model_config, check_model_fits, make_batches, train
+from bdh.train.loop import (TrainingDiverged, TrainingInterrupted, build_model_config, check_model_fits, load_data,
+                            make_batches, train)
 
 # settings that may differ between attempts at the same run: where it is and how it is run;
 # max_minutes is the time left of the budget, which shrinks from one attempt to the next
@@ -84,11 +85,9 @@ def preflight_data(cfg: TrainConfig) -> int:
 
     The tokenized corpus lands in the token cache, so the training runs find it there.
     """
-    corpus = load_corpus(cfg.data, val_fraction=cfg.val_fraction)
-    tokenizer = make_tokenizer(cfg.tokenizer, corpus.train)
-    if cfg.sample_tokens:
+    _, tokenizer, tokens = load_data(cfg, None)
+    if cfg.sample_tokens and cfg.task == "lm":
         encode_prompt(tokenizer, cfg.sample_prompt)
-    tokens = tokenize_corpus(corpus, tokenizer)
     check_eval_length(tokens.val, cfg.block_size)
     make_batches(cfg, tokens.train, DistEnv(), torch.device("cpu"))
     return tokenizer.vocab_size

@@ -20,6 +20,7 @@ from bdh.errors import UserError
 from bdh.precision import DTYPE_NAMES, check_device_name
 
 DECAYS = ("cosine", "linear", "constant")
+TASKS = ("lm", "translate")
 
 
 @dataclass
@@ -32,8 +33,12 @@ class TrainConfig:
     """named model preset (bdh: tiny, small, paper-25m)"""
     model_overrides: dict = field(default_factory=dict, metadata={"flag": None})
     """model-config fields that replace the preset's (YAML `model:` mapping, --model-arg KEY=VALUE)"""
+    task: str = field(default="lm", metadata={"choices": TASKS})
+    """lm: predict the next token of text; translate: sentence pairs as one tagged stream, always trained in stream mode, validated also on the target tokens of each direction alone"""
     data: str = "shakespeare"
-    """corpus: 'shakespeare', a text file, a directory of .txt files, or a glob"""
+    """corpus: 'shakespeare', a text file, a directory of .txt files, or a glob; with task translate, pairs: bible:LANGS (two of en es fr it de, joined by a dash), a .tsv whose header names the two languages, or LANG=FILE,LANG=FILE"""
+    init_from: str | None = None
+    """start from the weights of this checkpoint (to fine tune it): its model config and tokenizer, a fresh optimizer and schedule"""
     val_fraction: float = 0.1
     """share of the corpus held out for validation"""
     tokenizer: str = "bytes"
@@ -96,6 +101,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _types()[f.name]))
+        if self.task == "translate":
+            self.stream = True  # pairs follow each other, the state carried: how the paper trains translation
         self.validate()
 
     def validate(self) -> None:

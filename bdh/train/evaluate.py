@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bdh.data.batches import eval_batches
 from bdh.errors import UserError
@@ -18,9 +19,22 @@ class EvalResult:
     bpb: float  # bits per byte of the text
     ppl: float  # per-token perplexity
     tokens: int  # target tokens scored
+    #: translation: {direction: {"loss", "tokens"}}, the loss on that direction's target tokens only
+    targets: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, float]:
-        return {"loss": self.loss, "bpb": self.bpb, "ppl": self.ppl, "tokens": self.tokens}
+        out = {"loss": self.loss, "bpb": self.bpb, "ppl": self.ppl, "tokens": self.tokens}
+        if self.targets:
+            out["targets"] = self.targets
+        return out
+
+    def metrics(self, prefix: str = "val_") -> dict[str, float]:
+        """Flat metrics: loss, bits/byte, perplexity and (translation) the target loss of each direction."""
+        out = {f"{prefix}loss": self.loss, f"{prefix}bpb": self.bpb, f"{prefix}ppl": self.ppl}
+        for name, t in self.targets.items():
+            if t["loss"] is not None:
+                out[f"{prefix}target_loss[{name}]"] = t["loss"]
+        return out
 
 
 def tokens_per_byte(n_tokens: int, text: str) -> float:
@@ -55,6 +69,87 @@ def evaluate(model, tokens: np.ndarray, batch_size: int, block_size: int, max_ba
             count += y.numel()
     finally:
         model.train(was_training)
+    return _result(total, count, token_byte_ratio)
+
+
+def _result(total: float, count: int, token_byte_ratio: float, targets=None) -> EvalResult:
     loss = total / max(count, 1)
-    return EvalResult(loss=loss, bpb=bits_per_byte(loss, token_byte_ratio), ppl=math.exp(min(loss, 700.0)),
+    return EvalResult(targets=targets or {}, loss=loss, bpb=bits_per_byte(loss, token_byte_ratio), ppl=math.exp(min(loss, 700.0)),
                       tokens=count)
+
+
+@torch.no_grad()
+def evaluate_tagged(model, tagged, batch_size: int, block_size: int, max_batches: int | None, device,
+                    token_byte_ratio: float) -> EvalResult:
+    """Loss on a tagged stream (bdh.data.parallel.TaggedTokens): over all tokens, and over the target
+    tokens of each direction alone.
+
+    A model whose state can be carried reads the stream in `batch_size` lanes that begin at pair
+    boundaries, `block_size` tokens at a time with its state carried (as it was trained), so every
+    target is scored with its source in context; at most `max_batches` windows per lane (None: the
+    whole stream). Other models are scored on independent windows (eval_batches).
+    """
+    tokens, roles = tagged.tokens, tagged.roles
+    check_eval_length(tokens, block_size)
+    was_training = model.training
+    model.eval()
+    n_dir = len(tagged.directions)
+    sums = torch.zeros(n_dir + 1, dtype=torch.float64)  # per direction, then all tokens
+    counts = torch.zeros(n_dir + 1, dtype=torch.float64)
+    try:
+        if model.carries_state:
+            batches = _lane_batches(tokens, roles, tagged.pair_starts, batch_size, block_size, max_batches, device)
+        else:
+            batches = ((x, y, ry) for (x, y), (_, ry) in zip(
+                eval_batches(tokens, batch_size, block_size, max_batches, device=device),
+                eval_batches(roles, batch_size, block_size, max_batches, device=device)))
+        state = None
+        for x, y, ry, *fresh in batches:
+            out = model(x, state=None if fresh and fresh[0] else state, return_state=model.carries_state)
+            state = out.state
+            losses = F.cross_entropy(out.logits.flatten(0, 1), y.flatten().clamp(min=0), reduction="none").cpu()
+            keep = (y.flatten() >= 0).cpu()
+            ry = ry.flatten().cpu()
+            sums[-1] += losses[keep].double().sum()
+            counts[-1] += keep.sum()
+            for k in range(n_dir):
+                mask = keep & (ry == k)
+                sums[k] += losses[mask].double().sum()
+                counts[k] += mask.sum()
+    finally:
+        model.train(was_training)
+    # a direction with no target in the windows read has no loss (None), not a loss of 0
+    targets = {name: {"loss": float(sums[k] / counts[k]) if counts[k] else None, "tokens": int(counts[k])}
+               for k, name in enumerate(tagged.directions)}
+    return _result(float(sums[-1]), int(counts[-1]), token_byte_ratio, targets)
+
+
+def _lane_batches(tokens, roles, pair_starts, batch_size: int, block_size: int, max_batches: int | None, device):
+    """(x, y, target roles, fresh) windows of `batch_size` lanes, each lane a run of whole pairs.
+
+    Past the end of a lane the inputs are 0 and the targets -1 (ignored); fresh is True on the
+    first window (no state yet).
+    """
+    n = len(pair_starts)
+    B = max(1, min(batch_size, n))
+    cuts = [int(pair_starts[(j * n) // B]) for j in range(B)] + [len(tokens)]
+    cuts[0] = 0
+    lanes = [(cuts[j], cuts[j + 1]) for j in range(B)]
+    longest = max(end - start for start, end in lanes)
+    windows = max(1, -(-(longest - 1) // block_size))
+    if max_batches is not None:
+        windows = min(windows, max_batches)
+    T = block_size
+    for w in range(windows):
+        x = np.zeros((B, T), dtype=np.int64)
+        y = np.full((B, T), -1, dtype=np.int64)
+        ry = np.full((B, T), -1, dtype=np.int64)
+        for j, (start, end) in enumerate(lanes):
+            a = start + w * T
+            m = max(0, min(T, end - 1 - a))  # inputs with a next token inside the lane
+            if m:
+                x[j, :m] = tokens[a:a + m]
+                y[j, :m] = tokens[a + 1:a + m + 1]
+                ry[j, :m] = roles[a + 1:a + m + 1]
+        yield (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), torch.from_numpy(ry).to(device),
+               w == 0)

@@ -27,18 +27,20 @@ from tqdm import tqdm
 
 from bdh import registry
 from bdh.checkpoint import read_model_config
-from bdh.data import RandomBatches, StreamBatches, encode_prompt, load_corpus, load_tokenizer, make_tokenizer, tokenize_corpus
+from bdh.data import RandomBatches, StreamBatches, encode_prompt, load_corpus, make_tokenizer, tokenize_corpus
 from bdh.data.batches import eval_batches
+from bdh.data.parallel import is_parallel_spec, load_parallel, tag, translation_corpus, translation_tokens
 from bdh.errors import UserError
 from bdh.fileio import load_tensors
 from bdh.generate import generate
 from bdh.interp.sparsity import sparsity_probe
 from bdh.precision import resolve_device
-from bdh.rundir import MODEL_CONFIG_FILE, STREAM_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, RunDir
+from bdh.rundir import (MODEL_CONFIG_FILE, STREAM_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, RunDir,
+                        load_checkpoint_tokenizer, resolve_checkpoint)
 from bdh.train import checkpoint as ckpt_io
 from bdh.train import distributed
 from bdh.train.args import TrainConfig
-from bdh.train.evaluate import EvalResult, check_eval_length, evaluate, tokens_per_byte
+from bdh.train.evaluate import EvalResult, check_eval_length, evaluate, evaluate_tagged, tokens_per_byte
 from bdh.train.optim import lr_at, make_optimizer, set_lr
 
 
@@ -144,17 +146,13 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
     check_out_dir(rundir, resumed, overwrite)
     if resumed is not None:
         check_resumable(cfg, resumed, env)
-    model_config = build_model_config(cfg, vocab_size=None)  # early check of preset and overrides
-    corpus = load_corpus(cfg.data, val_fraction=cfg.val_fraction)
-    if resumed is not None:
-        tokenizer = load_tokenizer(resumed.path)
-    else:
-        tokenizer = make_tokenizer(cfg.tokenizer, corpus.train)
-    model_config = build_model_config(cfg, tokenizer.vocab_size)
+    base = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+    model_config = build_model_config(cfg, vocab_size=None, base=base)  # early check of preset and overrides
+    corpus, tokenizer, tokens = load_data(cfg, resumed.path if resumed is not None else base)
+    model_config = build_model_config(cfg, tokenizer.vocab_size, base=base)
     check_model_fits(cfg, model_config, device)
-    if cfg.sample_tokens:
+    if cfg.sample_tokens and cfg.task == "lm":
         encode_prompt(tokenizer, cfg.sample_prompt)
-    tokens = tokenize_corpus(corpus, tokenizer)
     check_eval_length(tokens.val, cfg.block_size)
     batches = make_batches(cfg, tokens.train, env, device)
 
@@ -164,6 +162,8 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
     torch.manual_seed(cfg.seed + env.rank)
     if resumed is not None:
         load_resumed_weights(model, model_config, cfg, resumed)
+    elif base is not None:
+        model.load_weights(load_tensors(base / WEIGHTS_FILE), source=str(base / WEIGHTS_FILE))
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
     names = param_names(model, optimizer)
@@ -211,8 +211,30 @@ def check_resumable(cfg: TrainConfig, resumed, env) -> None:
                         f"{state['world_size']}")
 
 
-def build_model_config(cfg: TrainConfig, vocab_size: int | None):
-    """The preset, then the `model:` overrides, then the tokenizer's vocabulary size and --dtype."""
+def load_data(cfg: TrainConfig, checkpoint: Path | None):
+    """(corpus, tokenizer, tokens) of the run; the tokenizer is the checkpoint's when resuming or
+    fine-tuning, else made as --tokenizer says (BPE trained on the training split)."""
+    if cfg.task == "translate":
+        if not is_parallel_spec(cfg.data):
+            raise UserError(f"--task translate needs pairs, not {cfg.data!r}: pass --data bible:en-es, a .tsv of pairs "
+                            "whose header row names the two languages, or en=FILE,es=FILE")
+        pairs = load_parallel(cfg.data, val_fraction=cfg.val_fraction)
+        corpus = translation_corpus(pairs)
+    else:
+        corpus = load_corpus(cfg.data, val_fraction=cfg.val_fraction)
+    if checkpoint is not None:
+        tokenizer = load_checkpoint_tokenizer(checkpoint, read_model_config(checkpoint)[1].vocab_size)
+    else:
+        tokenizer = make_tokenizer(cfg.tokenizer, corpus.train)
+    tokens = translation_tokens(pairs, tokenizer) if cfg.task == "translate" else tokenize_corpus(corpus, tokenizer)
+    return corpus, tokenizer, tokens
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int | None, base: Path | None = None):
+    """The preset (or the config of the checkpoint fine-tuned from), then the `model:` overrides, then the
+    tokenizer's vocabulary size and --dtype."""
+    if base is not None:
+        return _base_model_config(cfg, base)
     config_cls = registry.get(cfg.model_type).config_class
     overrides = dict(cfg.model_overrides)
     if vocab_size is not None:
@@ -224,6 +246,20 @@ def build_model_config(cfg: TrainConfig, vocab_size: int | None):
         overrides["compute_dtype"] = cfg.dtype
     try:
         return config_cls.from_name(cfg.preset, **overrides)
+    except TypeError as err:
+        raise UserError(f"bad model override: {err}") from None
+
+
+def _base_model_config(cfg: TrainConfig, base: Path):
+    """The config of the checkpoint a fine-tuning run starts from, with the run's overrides and --dtype."""
+    model_class, config = read_model_config(base)
+    if model_class.model_type != cfg.model_type:
+        raise UserError(f"--init-from {base} holds a {model_class.model_type} model: pass --model {model_class.model_type}")
+    values = {**config.to_dict(), **cfg.model_overrides}
+    if cfg.dtype is not None and "compute_dtype" in values:
+        values["compute_dtype"] = cfg.dtype
+    try:
+        return model_class.config_class.from_dict(values)
     except TypeError as err:
         raise UserError(f"bad model override: {err}") from None
 
@@ -452,12 +488,18 @@ class Trainer:
         run, p = self.run, self.run.progress
         if not self.main:
             return None
-        result = evaluate(run.model, run.tokens.val, self.cfg.batch_size, self.cfg.block_size, self.cfg.eval_iters,
-                          run.device, run.token_byte_ratio)
+        if run.tokens.val_tagged is not None:
+            result = evaluate_tagged(run.model, run.tokens.val_tagged, self.cfg.batch_size, self.cfg.block_size,
+                                     self.cfg.eval_iters, run.device, run.token_byte_ratio)
+        else:
+            result = evaluate(run.model, run.tokens.val, self.cfg.batch_size, self.cfg.block_size,
+                              self.cfg.eval_iters, run.device, run.token_byte_ratio)
         p.last_val = {"step": p.step, **result.to_dict()}
         if p.best_val_loss is None or result.loss < p.best_val_loss:
             p.best_val_loss, p.best_step = result.loss, p.step
-        self.say(f"step {p.step}: val loss {result.loss:.4f}, {result.bpb:.4f} bits/byte, ppl {result.ppl:.2f}")
+        targets = "".join(f", {name} target loss {t['loss']:.4f}" for name, t in result.targets.items()
+                          if t["loss"] is not None)
+        self.say(f"step {p.step}: val loss {result.loss:.4f}, {result.bpb:.4f} bits/byte, ppl {result.ppl:.2f}{targets}")
         return result
 
     def log(self, train: dict[str, float], val: EvalResult | None) -> None:
@@ -466,7 +508,7 @@ class Trainer:
         p = self.run.progress
         record = {"step": p.step, "tokens": p.tokens_seen, **train, "elapsed_s": round(self.elapsed(), 3)}
         if val is not None:
-            record.update(val_loss=val.loss, val_bpb=val.bpb, val_ppl=val.ppl)
+            record.update(val.metrics("val_"))
             record.update(self.sparsity())
         self.run.rundir.append_metrics(record)
 
@@ -578,7 +620,7 @@ class Trainer:
         val = None
         if self.main:
             if p.last_val and p.last_val.get("step") == p.step:
-                val = EvalResult(**{k: p.last_val[k] for k in ("loss", "bpb", "ppl", "tokens")})
+                val = EvalResult(**{k: p.last_val[k] for k in ("loss", "bpb", "ppl", "tokens", "targets") if k in p.last_val})
             else:
                 val = self.validate()
                 self.log({}, val)
@@ -593,6 +635,8 @@ class Trainer:
 
     def sample(self) -> str:
         run, cfg = self.run, self.cfg
+        if cfg.task == "translate":
+            return self.sample_translation()
         ids = encode_prompt(run.tokenizer, cfg.sample_prompt)
         n = cfg.sample_tokens
         limit = run.model.max_positions
@@ -603,6 +647,24 @@ class Trainer:
         out = generate(run.model, idx, n, temperature=0.8, top_k=200, generator=generator)
         text = run.tokenizer.decode(out[0, len(ids):].tolist())
         self.say(f"--- sample ({n} tokens) ---\n{cfg.sample_prompt}{text}\n---")
+        return text
+
+    def sample_translation(self) -> str:
+        """The first validation pair translated greedily in each direction."""
+        from bdh.train.translation import translate
+
+        run = self.run
+        tagged = run.tokens.val_tagged
+        lines = []
+        for name in tagged.directions:
+            src, tgt = name.split("->")
+            source = first_source(run.corpus.val, src, tgt)
+            if source is None:
+                continue
+            out = translate(run.model, run.tokenizer, [source], src, tgt, max_new_tokens=self.cfg.sample_tokens)[0]
+            lines.append(f"[{name}] {source}\n   -> {out}")
+        text = "\n".join(lines)
+        self.say(f"--- translations of validation sentences (greedy) ---\n{text}\n---")
         return text
 
     @contextmanager
@@ -622,3 +684,12 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+def first_source(stream: str, src: str, tgt: str) -> str | None:
+    """The source sentence of the first pair of a tagged stream that reads from src to tgt."""
+    lines = stream.split("\n")
+    for prompt, target in zip(lines[::2], lines[1::2]):
+        if prompt.startswith(tag(src) + " ") and target.startswith(tag(tgt) + " "):
+            return prompt[len(tag(src)) + 1:]
+    return None
