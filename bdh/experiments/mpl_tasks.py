@@ -68,7 +68,7 @@ def smnist_split(seed: int = 0, n_test: int = 1000, cache_dir=None):
 class Fit:
     epochs: int = 20
     batch_size: int = 16
-    lr: float = 1e-2  # Adam on (m, pi, Xi); no weight decay
+    lr: float = 3e-2  # Adam on (m, pi, Xi); no weight decay
     seed: int = 0
 
 
