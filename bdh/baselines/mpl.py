@@ -94,6 +94,8 @@ class MPLConfig(ModelConfig):
     init_xi: float = 0.1
     # the authors' variance-path gradient factor (see the module docstring)
     quirk_variance_grad: bool = False
+    # the network runs in float32 (the field exists because the trainer asks every family)
+    compute_dtype: str = "float32"
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(n_hidden=32, inference_steps=5),
@@ -109,6 +111,7 @@ class MPLConfig(ModelConfig):
         self._check_choice("activation", ACTIVATIONS)
         self._check_choice("learning", LEARNING_RULES)
         self._check_choice("inference_optimizer", INFERENCE_OPTIMIZERS)
+        self._check_choice("compute_dtype", ("float32",))
         self._check_bools("noise", "eval_noise", "quirk_variance_grad")
         for name in ("inference_lr", "var_eps", "init_xi"):
             if not getattr(self, name) > 0:
