@@ -189,7 +189,7 @@ def accuracy(model: MPL, x, y) -> float:
     return float((logits.argmax(-1) == y).float().mean())
 
 
-def smnist(out: Path, epochs: int, seed: int, steps: int, n_train: int | None = None, lr: float = 3e-3) -> dict:
+def smnist(out: Path, epochs: int, seed: int, steps: int, n_train: int | None = None, lr: float = 1e-3) -> dict:
     x_tr, y_tr, x_te, y_te = smnist_split(seed=0)
     if n_train:
         x_tr, y_tr = x_tr[:n_train], y_tr[:n_train]
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--epochs", type=int, default=5)
     sm.add_argument("--inference-steps", type=int, default=50)
     sm.add_argument("--n-train", type=int, default=None, help="use only this many training digits")
-    sm.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of (m, pi, Xi)")
+    sm.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of (m, pi, Xi)")
     for p in (toy_p, sm):
         p.add_argument("--out", type=Path, default=None)
         p.add_argument("--seed", type=int, default=0)
