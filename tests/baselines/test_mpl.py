@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bdh.baselines.mpl import (GROUPS, MPL, MPLConfig, Moments, Noise, energy_terms, infer, input_drive,
+from bdh.baselines.mpl import (GROUPS, MPL, MPLConfig, Noise, energy_terms, forward_beliefs, infer, input_drive,
                                local_gradients, spike_slab_moments)
 from bdh.errors import UserError
 from bdh.train.optim import make_optimizer
@@ -146,7 +146,6 @@ def test_inference_steps_lower_the_energy():
     r0 = torch.zeros(3, 5)
     moments = {name: g.moments() for name, g in model.groups().items()}
     drive = input_drive(moments["w_in"], idx=idx)
-    from bdh.baselines.mpl import forward_beliefs
     with torch.no_grad():
         r = forward_beliefs(r0, drive, moments["w_rec"], model.f, noise.h, model.config.var_eps)
     values = [float(energy(model, r, r0, idx, targets, noise).detach())]
@@ -170,7 +169,6 @@ def test_training_forward_gives_the_local_update_at_the_converged_beliefs(optimi
     noise = model.draw_noise(3, 4, None)
     moments = {name: g.moments() for name, g in model.groups().items()}
     drive = input_drive(moments["w_in"], idx=idx)
-    from bdh.baselines.mpl import forward_beliefs
     r0 = torch.zeros(3, 5)
     with torch.no_grad():
         r = forward_beliefs(r0, drive, moments["w_rec"], model.f, noise.h, model.config.var_eps)
