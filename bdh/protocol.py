@@ -61,6 +61,9 @@ class ModelBase(nn.Module):
     """What every family's model class shares: the protocol's answers that come from its config,
     and loading weights by name."""
 
+    # True: the optimizer decays none of its parameters (bdh.train.optim.make_optimizer)
+    no_weight_decay: ClassVar[bool] = False
+
     @property
     def max_positions(self) -> int | None:
         return self.config.max_positions

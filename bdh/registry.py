@@ -9,6 +9,7 @@ and one `register(...)` line below.
 from __future__ import annotations
 
 from bdh.baselines.gpt import GPT
+from bdh.baselines.mpl import MPL
 from bdh.errors import UserError
 from bdh.model import BDH
 
@@ -22,6 +23,7 @@ def register(model_class: type) -> type:
 
 register(BDH)
 register(GPT)
+register(MPL)
 
 
 def names() -> tuple[str, ...]:

@@ -13,8 +13,12 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9,
     """Decay matrices and embeddings (dim >= 2), never biases or norms (nanoGPT's rule).
 
     BDH's weights are raw nn.Parameters, so choosing by module type (minGPT) would miss them.
+    A family whose class sets `no_weight_decay = True` (e.g. MPL, whose parameters are
+    those of weight distributions) gets no decay at all.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    if getattr(model, "no_weight_decay", False):
+        weight_decay = 0.0
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
