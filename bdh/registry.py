@@ -8,6 +8,7 @@ and one `register(...)` line below.
 
 from __future__ import annotations
 
+from bdh.baselines.brillm import BriLLM
 from bdh.baselines.gpt import GPT
 from bdh.errors import UserError
 from bdh.model import BDH
@@ -22,6 +23,7 @@ def register(model_class: type) -> type:
 
 register(BDH)
 register(GPT)
+register(BriLLM)
 
 
 def names() -> tuple[str, ...]:

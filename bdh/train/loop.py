@@ -164,6 +164,8 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
     torch.manual_seed(cfg.seed + env.rank)
     if resumed is not None:
         load_resumed_weights(model, model_config, cfg, resumed)
+    else:
+        model.fit_corpus(tokens.train)  # corpus statistics a family keeps in buffers (BriLLM's bigrams)
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
     names = param_names(model, optimizer)
