@@ -301,8 +301,9 @@ class BriLLM(ModelBase):
         """
         c = self.config
         start, num, den, top, last = state.start[0], state.num[0], state.den[0], state.top[0], state.last[0]
-        # c_{p-1} of the state's last token (unused where p = 0)
-        prev = start if c.context == "start" else num / den.clamp_min(1e-30)[:, None]
+        # c_{p-1} of the state's last token: s_0 after one token (unused where p = 0)
+        after_one = (state.pos <= 1)[:, None]
+        prev = torch.where(after_one, start, num / den.clamp_min(1e-30)[:, None]) if c.context == "weighted" else start
         contexts = []
         for t in range(idx.shape[1]):
             u, p = idx[:, t], pos[:, t]  # B
