@@ -80,6 +80,10 @@ class ModelBase(nn.Module):
     def fit_corpus(self, tokens) -> None:
         """Most families learn everything by gradient: nothing to read off the corpus."""
 
+    def parameter_report(self) -> dict[str, int]:
+        """Parameter counts beyond num_params that a family wants `bdh info` to show (none by default)."""
+        return {}
+
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
     """Mean cross-entropy of logits (B, T, V) against targets (B, T), in float32; -1 targets are ignored."""

@@ -49,7 +49,7 @@ def test_command_help(command, capsys):
         for name, text in field_help().items():
             if name != "model_overrides":
                 assert " ".join(text.split()) in out, name
-        for flag in ("--batch-size", "--resume", "--overwrite", "--config", "--stream", "--model {bdh,gpt}"):
+        for flag in ("--batch-size", "--resume", "--overwrite", "--config", "--stream", "--model {bdh,gpt,brillm}"):
             assert flag in out
     elif command in ("compare", "sweep"):
         assert "--out" in out

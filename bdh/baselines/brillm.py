@@ -85,6 +85,8 @@ class BriLLMConfig(ModelConfig):
     # "weighted": c_i = position-weighted average of the path's edge outputs (the model);
     # "start": c_i = s_0 for every i (the ablation of the sanity bar)
     context: str = "weighted"
+    # BriLLM computes in float32 only (the training loop reads this field of every family)
+    compute_dtype: str = "float32"
     # release quirks (off: the paper's equations)
     pe_multiply: bool = False
     decode_pe_shift: bool = False
@@ -108,6 +110,7 @@ class BriLLMConfig(ModelConfig):
         if self.d % 2:
             self._fail("d", "be even (sinusoidal positions come in sin/cos pairs)", self.d)
         self._check_choice("context", CONTEXTS)
+        self._check_choice("compute_dtype", ("float32",))
         self._check_bools("pe_multiply", "decode_pe_shift", "exclude_self")
 
     @property

@@ -1,6 +1,7 @@
 """BriLLM: the vectorised model against a loop rendering of the paper's equations (outputs and
 gradients, dense and sparse, every flag), its corpus statistics, state, files, and the sanity bar."""
 
+import json
 import math
 
 import numpy as np
@@ -209,3 +210,59 @@ def test_checkpoint_round_trip_keeps_the_corpus_statistics(tmp_path):
     assert torch.equal(again.successors, model.successors)
     idx = tokens(2, 6)
     assert torch.equal(again(idx).logits, model(idx).logits)
+
+
+def add_k_bigram_loss(train: np.ndarray, windows, V: int, k: float) -> float:
+    """Held-out nats per token of the add-k bigram model of the training tokens, on (x, y) windows."""
+    counts = np.zeros((V, V))
+    np.add.at(counts, (train[:-1], train[1:]), 1)
+    logp = np.log((counts + k) / (counts + k).sum(1, keepdims=True))
+    total = [logp[x.numpy().ravel(), y.numpy().ravel()] for x, y in windows]
+    return float(-np.concatenate(total).mean())
+
+
+def test_sanity_bar_beats_the_add_k_bigram_and_the_start_only_ablation(tmp_path, text_file, capsys):
+    """The paper's model, trained briefly by `bdh train`, against the best add-k bigram (k picked on
+    the held-out data itself) and against BriLLM with c_i := s_0, all on the same held-out windows."""
+    from bdh.cli import main
+    from bdh.data import load_corpus, make_tokenizer, tokenize_corpus
+    from bdh.data.batches import eval_batches
+    from tests.helpers import tiny_flags
+
+    flags = ["--model", "brillm", "--batch-size", "16", "--block-size", "32", "--max-iters", "60", "--eval-interval", "0",
+             "--warmup-iters", "5", "--lr", "3e-2", "--min-lr", "3e-3"]
+    held_out = {}
+    for name, extra in (("brillm", []), ("ablation", ["--model-arg", "context=start"])):
+        run = tmp_path / name
+        assert main(["train", *tiny_flags(text_file, run), *flags, *extra]) == 0
+        capsys.readouterr()
+        assert main(["eval", "--ckpt", str(run), "--json", "--batch-size", "16", "--block-size", "32"]) == 0
+        held_out[name] = json.loads(capsys.readouterr().out)["loss"]
+    corpus = load_corpus(str(text_file))
+    tokens = tokenize_corpus(corpus, make_tokenizer("bytes", corpus.train))
+    windows = list(eval_batches(tokens.val, 16, 32, None, device="cpu"))
+    bigram = min(add_k_bigram_loss(tokens.train, windows, 256, k) for k in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0))
+    assert held_out["brillm"] < bigram and held_out["brillm"] < held_out["ablation"], (held_out, bigram)
+
+
+def test_command_line_trains_resumes_generates_and_reports_both_parameter_counts(tmp_path, text_file, capsys):
+    from bdh.cli import main
+    from tests.helpers import tiny_args
+
+    run = tmp_path / "run"
+    assert main([*tiny_args(text_file, run, "--model", "brillm", steps=2)]) == 0
+    assert main([*tiny_args(text_file, run, "--model", "brillm", "--resume", str(run), steps=3)]) == 0
+    capsys.readouterr()
+    model = load_model(run)
+    seen = {(a, b) for a, b in zip(text_file.read_bytes()[:-1], text_file.read_bytes()[1:])}
+    assert model.fitted and 0 < model.seen_bigrams() <= min(len(seen), model.config.max_edges)
+    assert main(["generate", "--ckpt", str(run), "--prompt", "The ", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("The ")
+    assert main(["info", "--ckpt", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_type"] == "brillm" and info["training"]["step"] == 3
+    report = info["parameter_report"]
+    assert report["parameters"] == info["parameters"] == model.config.num_params() < report["dense_equivalent"]
+    assert report["dense_equivalent"] == 256 ** 2 * (8 * 8 + 8) + 256 * 8 + 64
+    assert main(["info", "--ckpt", str(run)]) == 0
+    assert f"dense_equivalent: {report['dense_equivalent']:,}" in capsys.readouterr().out
