@@ -307,19 +307,21 @@ class BriLLM(ModelBase):
         # c_{p-1} of the state's last token: s_0 after one token (unused where p = 0)
         after_one = (state.pos <= 1)[:, None]
         prev = torch.where(after_one, start, num / den.clamp_min(1e-30)[:, None]) if c.context == "weighted" else start
+        # everything indexed is gathered once (one backward each), then unbound per step
+        slots = self.edge_slot(torch.cat([last[:, None], idx[:, :-1]], dim=1), idx)  # B, T: edge into each token
+        weights = self.edge_weight[slots].unbind(1)  # T x (B, d, d)
+        shifts = (self.edge_bias[slots] + self.pe[(pos - pe_shift).clamp(min=0)]).unbind(1)  # T x (B, d)
+        starts = F.gelu(1.0 / c.d + self.node_bias[idx] + self.pe[0]).unbind(1)  # T x (B, d): s_0 if p = 0
+        logits_a = self.position_logits[(pos - 1).clamp(min=0)].unbind(1)  # T x (B,): a_p
+        firsts = (pos == 0).unbind(1)  # T x (B,)
         contexts = []
-        for t in range(idx.shape[1]):
-            u, p = idx[:, t], pos[:, t]  # B
-            first = (p == 0)[:, None]
-            s0 = F.gelu(1.0 / c.d + self.node_bias[u] + self.pe[0])  # B, d
-            slots = self.edge_slot(last, u)  # B
-            edge = F.gelu(torch.bmm(prev[:, None], self.edge_weight[slots])[:, 0] + self.edge_bias[slots]
-                          + self.pe[(p - pe_shift).clamp(min=0)])  # B, d: E_p
-            a = self.position_logits[(p - 1).clamp(min=0)]  # B: a_p
+        for W, shift, s0, a, first in zip(weights, shifts, starts, logits_a, firsts):
+            edge = F.gelu(torch.bmm(prev[:, None], W)[:, 0] + shift)  # B, d: E_p
             # online softmax; where p = 0 nothing is added (num = den = 0 there, so top may move)
             new_top = torch.maximum(top, a)
             scale = torch.exp(top - new_top)  # 0 while top = -inf
             weight = torch.exp(a - new_top)
+            first = first[:, None]
             num = torch.where(first, num, num * scale[:, None] + weight[:, None] * edge)
             den = torch.where(first[:, 0], den, den * scale + weight)
             top, start = new_top, torch.where(first, s0, start)
@@ -328,7 +330,7 @@ class BriLLM(ModelBase):
             else:
                 prev = torch.where(first, s0, num / den.clamp_min(1e-30)[:, None])
             contexts.append(prev)
-            last = u
+        last = idx[:, -1]
         new_state = BriLLMState(start=[start], num=[num], den=[den], top=[top], last=[last], pos=pos[:, -1] + 1)
         return torch.stack(contexts, dim=1), new_state
 
@@ -346,7 +348,7 @@ class BriLLM(ModelBase):
         out = []
         for i in range(0, slots.shape[0], chunk):
             s = slots[i:i + chunk]
-            h = torch.einsum("nd,nkde->nke", ctx[i:i + chunk], self.edge_weight[s])  # n, K, d
+            h = torch.matmul(ctx[i:i + chunk, None, None], self.edge_weight[s])[:, :, 0]  # n, K, d
             h = F.gelu(h + self.edge_bias[s] + pe[i:i + chunk, None])
             out.append(torch.linalg.vector_norm(h, dim=-1))  # n, K
         return torch.cat(out).view(B, T, K)
