@@ -277,14 +277,13 @@ class BriLLM(ModelBase):
                             "(learned position logits); use shorter sequences or a larger max_len")
         contexts, new_state = self.path(idx, state, pos, pe_shift)  # B, T, d
         sampled = self.training and targets is not None and self.config.negatives > 0
+        pe_pos = (pos + 1 - pe_shift).clamp(min=0)  # B, T: PE index of the candidate edges
         if sampled:
             candidates, valid = self.sampled_candidates(idx, targets)  # B, T, K
+            energies = self.energies(contexts, idx, candidates, pe_pos).masked_fill(~valid, -math.inf)
         else:
             candidates = torch.arange(self.config.vocab_size, device=idx.device).expand(B, T, -1)
-            valid = None
-        energies = self.energies(contexts, idx, candidates, (pos + 1 - pe_shift).clamp(min=0))  # B, T, K
-        if valid is not None:
-            energies = energies.masked_fill(~valid, -math.inf)
+            energies = self.all_energies(contexts, idx, pe_pos)  # B, T, V
         if self.config.exclude_self:
             energies = energies.masked_fill(candidates == idx[..., None], -math.inf)
         if sampled:
@@ -352,6 +351,35 @@ class BriLLM(ModelBase):
             h = F.gelu(h + self.edge_bias[s] + pe[i:i + chunk, None])
             out.append(torch.linalg.vector_norm(h, dim=-1))  # n, K
         return torch.cat(out).view(B, T, K)
+
+    def all_energies(self, contexts, idx, pe_pos):
+        """(B, T, V): the energy of every candidate. Sparse: each source token's owned edges are
+        computed one by one; every other candidate has slot 0's energy, computed once a position."""
+        c, V = self.config, self.config.vocab_size
+        B, T = idx.shape
+        if not c.sparse:
+            return self.energies(contexts, idx, torch.arange(V, device=idx.device).expand(B, T, -1), pe_pos)
+        h = F.gelu(contexts @ self.edge_weight[0] + self.edge_bias[0] + self.pe[pe_pos])  # B, T, d
+        shared = torch.linalg.vector_norm(h, dim=-1)  # B, T
+        owned = self.owned_successors()[idx]  # B, T, Kmax (-1: none)
+        if owned.shape[-1] == 0:
+            return shared[..., None].expand(B, T, V).clone()
+        energies = self.energies(contexts, idx, owned.clamp(min=0), pe_pos)  # B, T, Kmax
+        # owned energies over the shared one; the padding goes to an extra column V, dropped
+        columns = torch.where(owned >= 0, owned, V)
+        base = torch.cat([shared[..., None].expand(B, T, V), shared.new_zeros(B, T, 1)], dim=-1)
+        return base.scatter(2, columns, energies)[..., :V]
+
+    def owned_successors(self) -> torch.Tensor:
+        """(V, Kmax): the successors v of every token u whose bigram owns an edge (-1 padding)."""
+        V = self.config.vocab_size
+        keys = self.edge_keys[self.edge_keys < V * V]  # sorted, so grouped by source
+        u, v = keys // V, keys % V
+        counts = torch.bincount(u, minlength=V)
+        rank = torch.arange(len(keys), device=keys.device) - (torch.cumsum(counts, 0) - counts)[u]
+        table = torch.full((V, int(counts.max()) if len(keys) else 0), -1, dtype=torch.long, device=keys.device)
+        table[u, rank] = v
+        return table
 
     def edge_slot(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The slot of edge (u, v), broadcast: u * V + v dense; sparse 1..M if the bigram owns one, else 0."""
