@@ -85,11 +85,13 @@ def owned_bigrams(tokens: list[int], m: int) -> set[tuple[int, int]]:
     return set(sorted(pairs, key=lambda uv: (-pairs[uv], uv))[:m])
 
 
-def sampled_loss(model, idx: torch.Tensor, targets: torch.Tensor, table: list[list[int]]) -> torch.Tensor:
-    """Mean over positions of -log softmax over {true next} + (negatives != true next), true first."""
+def sampled_loss(model, idx: torch.Tensor, targets: torch.Tensor, negatives) -> torch.Tensor:
+    """Mean over positions of -log softmax over {true next} + (negatives != true next), true first.
+
+    negatives[b][t]: the list of negatives of position t of sequence b."""
     terms = []
-    for seq, tgt in zip(idx.tolist(), targets.tolist()):
-        cands = [[t] + [v for v in table[u] if v != t] for u, t in zip(seq, tgt)]
+    for seq, tgt, negs in zip(idx.tolist(), targets.tolist(), negatives):
+        cands = [[t] + [v for v in neg if v != t] for t, neg in zip(tgt, negs)]
         for row in sequence_energies(model, seq, cands):
             terms.append(-torch.log_softmax(torch.stack(row), dim=0)[0])
     return torch.stack(terms).mean()

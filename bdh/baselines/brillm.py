@@ -18,10 +18,15 @@ softmax: cross-entropy of the true next token against k negatives (`negatives`);
 cross-entropy gives a full-vocabulary probability and a held-out loss in the same unit as BDH and
 GPT. (The paper reports only the training-set perplexity of its sampled softmax.)
 
-Negatives: after `fit_corpus(train_tokens)` (the training loop calls it once, before the first
-step), the k most frequent successors of u_i in the training corpus (ties and tokens with fewer
-than k successors filled with the most frequent tokens overall); before it, k tokens drawn
-uniformly each step. A negative equal to the true next token is masked out.
+Negatives (`sampling`): "frequent", the k most frequent successors of u_i in the training corpus,
+read by `fit_corpus(train_tokens)` (the training loop calls it once, before the first step; ties
+and tokens with fewer than k successors are filled with the most frequent tokens overall);
+"uniform", k tokens drawn uniformly from the vocabulary at every position and step (with
+replacement); "mixed" (default), the ceil(k/2) most frequent successors and floor(k/2) uniform
+draws. Until fit_corpus has run, all k are uniform. A negative equal to the true next token is
+masked out. "frequent" alone never shows the model a rare successor as a negative, so their
+energies only ever go up and the full-vocabulary loss is poor; uniform draws alone are mostly
+easy negatives and learn slowly (README, BriLLM section).
 
 Sparse variant (`max_edges` M > 0): only the M most frequent bigrams of the training corpus (all
 the bigrams seen, when there are at most M) own an edge matrix; every other pair shares one
@@ -64,6 +69,7 @@ from bdh.protocol import ModelBase, ModelOutput, next_token_loss
 from bdh.state import TensorState
 
 CONTEXTS = ("weighted", "start")
+SAMPLINGS = ("mixed", "uniform", "frequent")
 # gathered edge matrices per chunk of the candidate product (floats): bounds its memory
 GATHER_BUDGET = 1 << 24
 
@@ -80,6 +86,11 @@ class BriLLMConfig(ModelConfig):
     max_len: int = 64
     # k: negatives per position in the training loss (0: the full-vocabulary softmax)
     negatives: int = 32
+    # how negatives are drawn: "frequent" = the k most frequent successors of the current token in
+    # the training corpus (fixed: rare successors are never pushed down, see the docs); "uniform"
+    # = k tokens drawn uniformly at every step; "mixed" = the ceil(k/2) most frequent successors
+    # and floor(k/2) uniform draws
+    sampling: str = "mixed"
     # M: bigrams that own an edge matrix (sparse variant); 0 = dense, every ordered pair owns one
     max_edges: int = 0
     # "weighted": c_i = position-weighted average of the path's edge outputs (the model);
@@ -110,6 +121,7 @@ class BriLLMConfig(ModelConfig):
         if self.d % 2:
             self._fail("d", "be even (sinusoidal positions come in sin/cos pairs)", self.d)
         self._check_choice("context", CONTEXTS)
+        self._check_choice("sampling", SAMPLINGS)
         self._check_choice("compute_dtype", ("float32",))
         self._check_bools("pe_multiply", "decode_pe_shift", "exclude_self")
 
@@ -393,10 +405,10 @@ class BriLLM(ModelBase):
     def sampled_candidates(self, idx, targets):
         """(B, T, K = 1 + k) candidates, the true next token first, and which of them count."""
         c = self.config
-        if self.fitted:
-            negatives = self.successors[idx]  # B, T, k
-        else:
-            negatives = torch.randint(0, c.vocab_size, (*idx.shape, c.negatives), device=idx.device)
+        k = c.negatives
+        frequent = {"frequent": k, "mixed": k - k // 2, "uniform": 0}[c.sampling] if self.fitted else 0
+        negatives = torch.cat([self.successors[idx][..., :frequent],  # B, T, frequent
+                               torch.randint(0, c.vocab_size, (*idx.shape, k - frequent), device=idx.device)], dim=-1)
         true = targets.clamp(min=0)[..., None]  # B, T, 1 (ignored targets: any token, masked by the loss)
         candidates = torch.cat([true, negatives], dim=-1)
         valid = torch.cat([torch.ones_like(true, dtype=torch.bool), negatives != true], dim=-1)

@@ -72,13 +72,21 @@ def test_full_vocabulary_loss_and_gradients_match_the_reference(overrides):
     assert trained == (model.config.context == "weighted")
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(max_edges=5)], ids=["dense", "sparse"])
+@pytest.mark.parametrize("overrides", [dict(sampling="frequent"), dict(sampling="frequent", max_edges=5),
+                                       dict(sampling="uniform"), dict(sampling="mixed", max_edges=5)],
+                         ids=["frequent-dense", "frequent-sparse", "uniform-dense", "mixed-sparse"])
 def test_sampled_softmax_loss_and_gradients_match_the_reference(overrides):
     text = corpus()
     model = make_model(fit=text, **overrides).train()
     idx, targets = tokens(3, 8), tokens(3, 8, seed=2)
+    k = model.config.negatives
+    frequent = {"frequent": k, "mixed": k - k // 2, "uniform": 0}[model.config.sampling]
+    table = ref.successors(text, V, k)
+    drawn = torch.randint(0, V, (3, 8, k - frequent), generator=torch.Generator().manual_seed(7)).tolist()
+    negatives = [[table[u][:frequent] + d for u, d in zip(seq, ds)] for seq, ds in zip(idx.tolist(), drawn)]
+    torch.manual_seed(7)
     out = model(idx, targets)
-    theirs = ref.sampled_loss(model, idx, targets, ref.successors(text, V, model.config.negatives))
+    theirs = ref.sampled_loss(model, idx, targets, negatives)
     torch.testing.assert_close(out.loss, theirs, atol=1e-5, rtol=1e-5)
     g_ours, g_ref = grads(model, out.loss), grads(model, theirs)
     for name in g_ours:
@@ -91,7 +99,7 @@ def test_sampled_softmax_loss_and_gradients_match_the_reference(overrides):
 
 
 def test_ignored_targets_leave_the_sampled_loss():
-    model = make_model(fit=corpus()).train()
+    model = make_model(fit=corpus(), sampling="frequent").train()  # the same negatives in both calls
     idx, targets = tokens(2, 8), tokens(2, 8, seed=2)
     masked = targets.clone()
     masked[:, 4:] = -1
@@ -115,8 +123,8 @@ def test_fit_corpus_owns_the_most_frequent_bigrams_and_reads_their_successors():
         model.fit_corpus(np.array([0, V]))
 
 
-def test_negatives_are_uniform_before_the_corpus_is_read():
-    model = make_model().train()
+def test_frequent_negatives_are_uniform_before_the_corpus_is_read():
+    model = make_model(sampling="frequent").train()
     assert not model.fitted
     idx = tokens(4, 8)
     candidates, valid = model.sampled_candidates(idx, idx)
