@@ -106,7 +106,7 @@ class BriLLMConfig(ModelConfig):
     # tiny: unit tests. small: the 2-core CPU preset; 2,048 edges hold every byte bigram of the
     # default corpus's training split (2,043 of them).
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(d=8, max_len=64, negatives=16, max_edges=512),
+        "tiny": dict(d=8, max_len=64, negatives=32, max_edges=512),
         "small": dict(d=32, max_len=64, negatives=32, max_edges=2048),
     }
 
