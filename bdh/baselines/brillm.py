@@ -296,8 +296,8 @@ class BriLLM(ModelBase):
         else:
             candidates = torch.arange(self.config.vocab_size, device=idx.device).expand(B, T, -1)
             energies = self.all_energies(contexts, idx, pe_pos)  # B, T, V
-        if self.config.exclude_self:
-            energies = energies.masked_fill(candidates == idx[..., None], -math.inf)
+            if self.config.exclude_self:  # the outputs only; the training loss keeps repeats
+                energies = energies.masked_fill(candidates == idx[..., None], -math.inf)
         if sampled:
             logits = torch.full((B, T, self.config.vocab_size), -math.inf, device=idx.device)
             logits = logits.scatter_reduce(2, candidates, energies.detach(), reduce="amax")  # masked: -inf

@@ -192,6 +192,8 @@ def test_exclude_self_never_proposes_the_current_token():
     assert torch.isinf(logits.gather(2, idx[..., None])).all()
     out = generate(model, idx[:, :1], 6, temperature=1.0)
     assert (out[:, 1:] != out[:, :-1]).all()
+    repeat = torch.tensor([[1, 1, 2, 2]])  # the training loss keeps a repeated token possible
+    assert torch.isfinite(model.train()(repeat, repeat).loss)
 
 
 def test_bad_configs_and_states_are_one_line_errors():
