@@ -420,6 +420,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "config": model.config.to_dict(),
         "parameters": model.num_params(),
         "parameters_without_embeddings": model.num_params(embeddings=False),
+        **({"parameter_report": model.parameter_report()} if model.parameter_report() else {}),
         "training": _training_summary(state) if isinstance(state, dict) else None,
     }
     if args.json:
@@ -430,6 +431,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key, value in info["config"].items():
         print(f"  {key}: {value}")
     print(f"parameters: {info['parameters']:,} ({info['parameters_without_embeddings']:,} without embeddings)")
+    for key, value in info.get("parameter_report", {}).items():
+        print(f"  {key}: {value:,}")
     if info["training"] is None:
         print("training: no trainer_state.json (a saved model, not a training checkpoint)")
     else:

@@ -56,6 +56,10 @@ class LanguageModel(Protocol):
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Copy named tensors in, with an error naming any missing, extra or misshapen one."""
 
+    def fit_corpus(self, tokens) -> None:
+        """Read statistics off the training tokens (1-D ids) before the first step, into buffers
+        saved with the weights (BriLLM: its bigrams; the others: nothing)."""
+
 
 class ModelBase(nn.Module):
     """What every family's model class shares: the protocol's answers that come from its config,
@@ -75,6 +79,13 @@ class ModelBase(nn.Module):
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Copy tensors in by name, with an error naming any missing, extra or misshapen key."""
         load_named_tensors(self, tensors, source)
+
+    def fit_corpus(self, tokens) -> None:
+        """Most families learn everything by gradient: nothing to read off the corpus."""
+
+    def parameter_report(self) -> dict[str, int]:
+        """Parameter counts beyond num_params that a family wants `bdh info` to show (none by default)."""
+        return {}
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:

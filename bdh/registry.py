@@ -8,6 +8,7 @@ and one `register(...)` line below.
 
 from __future__ import annotations
 
+from bdh.baselines.brillm import BriLLM
 from bdh.baselines.gpt import GPT
 from bdh.baselines.mpl import MPL
 from bdh.errors import UserError
@@ -23,6 +24,7 @@ def register(model_class: type) -> type:
 
 register(BDH)
 register(GPT)
+register(BriLLM)
 register(MPL)
 
 

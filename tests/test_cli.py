@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bdh import registry
 from bdh.cli import COMMANDS, TextStream, main
 from bdh.data import ByteTokenizer
 from bdh.train.args import field_help
@@ -49,7 +50,8 @@ def test_command_help(command, capsys):
         for name, text in field_help().items():
             if name != "model_overrides":
                 assert " ".join(text.split()) in out, name
-        for flag in ("--batch-size", "--resume", "--overwrite", "--config", "--stream", "--model {bdh,gpt,mpl}"):
+        for flag in ("--batch-size", "--resume", "--overwrite", "--config", "--stream",
+                     "--model {" + ",".join(registry.names()) + "}"):
             assert flag in out
     elif command in ("compare", "sweep", "merge", "merging"):
         assert "--out" in out

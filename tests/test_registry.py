@@ -16,9 +16,9 @@ def tiny(model_type):
 
 
 def test_registry_names_every_family_once():
-    assert FAMILIES == ["bdh", "gpt", "mpl"]
+    assert FAMILIES == ["bdh", "brillm", "gpt", "mpl"]
     assert all(registry.get(name).model_type == name for name in FAMILIES)
-    with pytest.raises(UserError, match="unknown model type 'rnn'; choose one of: bdh, gpt, mpl"):
+    with pytest.raises(UserError, match="unknown model type 'rnn'; choose one of: bdh, gpt, brillm, mpl"):
         registry.get("rnn")
 
 

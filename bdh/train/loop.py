@@ -164,6 +164,8 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
         load_resumed_weights(model, model_config, cfg, resumed)
     elif base is not None:
         model.load_weights(load_tensors(base / WEIGHTS_FILE), source=str(base / WEIGHTS_FILE))
+    else:
+        model.fit_corpus(tokens.train)  # corpus statistics a family keeps in buffers (BriLLM's bigrams)
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
     names = param_names(model, optimizer)
