@@ -18,7 +18,7 @@ from bdh.ops.chunked import CHUNK_SIZE
 from bdh.precision import DTYPE_NAMES
 
 ATTN_IMPLS = ("auto", "naive", "chunked", "recurrent")
-LAYOUTS = ("reference", "eq8")
+LAYOUTS = ("reference", "eq8", "xacc-residual")
 
 
 class ModelConfig:
@@ -138,7 +138,11 @@ class BDHConfig(ModelConfig):
     # per-head state decay lambda_h in (0, 1] (paper's U / ALiBi); None = no decay, "alibi" =
     # lambda_h = exp(-2^(-8 h / nh)), h = 1..nh, the ALiBi slopes read as a multiplicative decay
     decay: list[float] | str | None = None
-    # "reference": x = relu(v D_x) per layer; "eq8": x accumulates in neuron space (paper Eq. 8)
+    # "reference": the authors' code, x = relu(v D_x) per layer and the d-space residual
+    # v = LN(v + LN(y E)); "eq8": the paper's Eq. 8 (Eq. 7 with layernorm=False), x accumulates
+    # in neuron space and a layer hands on v = LN(y E) with no d-space residual; "xacc-residual":
+    # x accumulated as in Eq. 8 AND the reference's d-space residual (in neither; what "eq8"
+    # computed before it was made the paper's Eq. 8)
     layout: str = "reference"
     # False gives BDH-Normfree (paper Eq. 7): every LayerNorm becomes the identity
     layernorm: bool = True

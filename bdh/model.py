@@ -1,5 +1,21 @@
 """BDH-GPU: embed -> n_layer passes of ONE shared layer -> lm_head (the paper's Section 3, Eq. 8).
 
+Layouts (`config.layout`), per token t and layer l = 1..L, LN = LayerNorm without weights (the
+identity when layernorm=False), U = the per-head decay lambda_h times the RoPE rotation:
+- "reference" (the authors' code): x_l = relu(D_x v_{l-1}), a_l = rho_{t-1,l} x_l (read before
+  the write rho_{t,l} = (rho_{t-1,l} + v_{l-1} x_l^T) U), y_l = relu(D_y LN(a_l)) * x_l and the
+  d-space residual v_l = LN(v_{l-1} + LN(E y_l)).
+- "eq8" (the paper's Eq. 8; Eq. 7, BDH-Normfree, with layernorm=False): the residual lives in
+  neuron space only. With v*_l = LN(E y_l) the d-vector layer l hands on:
+      rho_{t,l} = (rho_{t-1,l} + v*_{t,l-1} x_{t,l}^T) U
+      x_{t,l}   = x_{t,l-1} + relu(D_x v*_{t,l-1})
+      y_{t,l}   = relu(D_y LN(rho_{t-1,l} x_{t,l})) * x_{t,l}
+  What enters the first layer: v*_{t,0} = LN(embed(token_t)) and x_{t,0} = 0, so
+  x_{t,1} = relu(D_x v*_{t,0}). What lm_head reads: v*_{t,L} = LN(E y_{t,L}), logits = v*_{t,L} f_d.
+- "xacc-residual": x accumulated as in "eq8" and the d-space residual of "reference"; in neither
+  the code nor the paper (it is what "eq8" computed before it was made the paper's Eq. 8).
+Only "reference" runs through the fused layer; the others run op by op (see `engine`).
+
 Parameter names follow the authors' state_dict (so their checkpoints load as they are):
     encoder   D_x (nh, D, N)   d-space -> neuron space, gives x
     encoder_v D_y (nh, D, N)   attention read-out -> neuron space, gives y
@@ -163,7 +179,7 @@ class BDH(ModelBase):
                 k, values = (q.detach(), v.detach()) if c.detach_kv else (q, v)
                 a, rho_l = attn(q, k, values, s0, self.decay, return_state)
                 z = self._read_out(a, x, layer)  # B, 1, T, D
-            v = self._ln(v + self._ln(z))  # B, 1, T, D
+            v = self._hand_on(v, z)  # B, 1, T, D
             rho.append(rho_l)
         return v.squeeze(1) @ self.lm_head, rho  # B, T, V
 
@@ -175,10 +191,20 @@ class BDH(ModelBase):
         c = self.config
         return self.decoder.view(c.n_head, c.neurons_per_head, c.n_embd)  # nh, N, D
 
+    def _accumulates_x(self) -> bool:
+        return self.config.layout != "reference"
+
+    def _hand_on(self, v, z):
+        """The d-vector the next layer (or lm_head) reads, from this layer's input v and output z = E y:
+        LN(v + LN(z)) with the d-space residual (reference, xacc-residual), LN(z) in Eq. 8."""
+        if self.config.layout == "eq8":
+            return self._ln(z)
+        return self._ln(v + self._ln(z))
+
     def _neurons(self, v, x_prev, layer):
-        """x = relu(v D_x): (B, 1, T, D) -> (B, nh, T, N); accumulated over layers in the eq8 layout."""
+        """x = relu(v D_x): (B, 1, T, D) -> (B, nh, T, N); x_prev + that where x accumulates (Eq. 8)."""
         x = F.relu(head_product(v, self.encoder))
-        if x_prev is not None and self.config.layout == "eq8":
+        if x_prev is not None and self._accumulates_x():
             x = x_prev + x
         self._emit("x", layer, x)
         return x
@@ -222,7 +248,7 @@ class BDH(ModelBase):
             x = None
             for layer in range(c.n_layer):
                 x_new = decode_neurons(v, self.encoder)  # nh, B, N
-                x = x_new if x is None or c.layout != "eq8" else x + x_new
+                x = x_new if x is None or not self._accumulates_x() else x + x_new
                 self._emit("x", layer, _cols(x))
                 q = rotate_rows(x, rotors)  # nh, B, N
                 active = self._active(x)
@@ -237,7 +263,7 @@ class BDH(ModelBase):
                     if self._capture is not None:
                         y = y_a.new_zeros(B, c.n_neurons).index_copy_(1, active, y_a)  # B, n
                         self._emit("y", layer, y.view(B, c.n_head, 1, -1))
-                v = self._ln(v + self._ln(z))
+                v = self._hand_on(v, z)
             logits = (v @ self.lm_head).unsqueeze(1)  # B, 1, V
         state.pos += 1
         return ModelOutput(logits=logits.float(), loss=None, state=state)
