@@ -19,6 +19,7 @@ from bdh.precision import DTYPE_NAMES
 
 ATTN_IMPLS = ("auto", "naive", "chunked", "recurrent")
 LAYOUTS = ("reference", "eq8", "xacc-residual")
+VARIANTS = ("gpu", "gpu-prime")
 
 
 class ModelConfig:
@@ -144,6 +145,10 @@ class BDHConfig(ModelConfig):
     # x accumulated as in Eq. 8 AND the reference's d-space residual (in neither; what "eq8"
     # computed before it was made the paper's Eq. 8)
     layout: str = "reference"
+    # "gpu": BDH-GPU. "gpu-prime": BDH-GPU' as this package reconstructs it (the paper gives no
+    # equations): per-head input and forget gates on the state update computed from the layer
+    # input, and the next-token prediction merged over all layers by learned gates (bdh/model.py)
+    variant: str = "gpu"
     # False gives BDH-Normfree (paper Eq. 7): every LayerNorm becomes the identity
     layernorm: bool = True
     # train without backprop through time: stop gradients through keys/queries and values
@@ -180,6 +185,7 @@ class BDHConfig(ModelConfig):
         if self.fused != "auto" and not isinstance(self.fused, bool):
             self._fail("fused", "be true, false or 'auto'", self.fused)
         self._check_choice("layout", LAYOUTS)
+        self._check_choice("variant", VARIANTS)
         self._check_choice("compute_dtype", DTYPE_NAMES)
         self._check_bools("layernorm", "detach_kv")
         if isinstance(self.decay, str) and self.decay != "alibi":
@@ -204,8 +210,11 @@ class BDHConfig(ModelConfig):
         return self.n_head * self.neurons_per_head
 
     def num_params(self) -> int:
-        """3 n D + 2 V D (one shared layer, untied embedding and read-out)."""
-        return 3 * self.n_neurons * self.n_embd + 2 * self.vocab_size * self.n_embd
+        """3 n D + 2 V D (one shared layer, untied embedding and read-out); BDH-GPU' adds its gates:
+        2 (D nh + nh) for input and forget, D + L for the logit merge."""
+        gates = 2 * (self.n_embd * self.n_head + self.n_head) + self.n_embd + self.n_layer
+        return 3 * self.n_neurons * self.n_embd + 2 * self.vocab_size * self.n_embd + \
+            (gates if self.variant == "gpu-prime" else 0)
 
 
 def _load_yaml(text: str) -> Any:

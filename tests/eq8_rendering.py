@@ -12,6 +12,10 @@ with v*_{t,0} = LN(embed(token_t)), x_{t,0} = 0 and logits = v*_{t,L} f_d. U is 
 decay lambda_h times the rotation R_1 acting on the neuron index (pairs 2i, 2i+1 turned by
 -2 pi f_i per token), so that rho x_t reads the past with the relative rotation that RoPE gives.
 
+With variant "gpu-prime" it renders BDH-GPU' as bdh/model.py reconstructs it: per-head gates
+i = sigmoid(v*_{t,l-1} . w^i_h + b^i_h), f likewise, rho_{t,l} = f (rho_{t-1,l} + i v* x^T) U, and
+logits = (sum_l softmax_l(v*_{t,l} . w^g + b^g_l) v*_{t,l}) f_d.
+
 The same function renders the other two layouts, to test them the same way: "reference" (x not
 accumulated, v_l = LN(v_{l-1} + LN(E y_l))) and "xacc-residual" (x accumulated, that residual).
 """
@@ -64,17 +68,30 @@ def render(model, idx, layout=None, rho=None):
     ln = (lambda t: F.layer_norm(t, (t.shape[-1],), eps=1e-5)) if c.layernorm else (lambda t: t)
     rho = [torch.zeros(B, nh, D, N, dtype=torch.float64) for _ in range(L)] if rho is None else list(rho)
     lam = w["decay"].view(1, nh, 1, 1)
+    prime = c.variant == "gpu-prime"
+    if prime:
+        g = {name: getattr(model, name).detach().double() for name in (
+            "gate_in", "gate_in_bias", "gate_forget", "gate_forget_bias", "logit_gate", "logit_gate_bias")}
     out = []
     for t in range(T):
         v = ln(w["fe"][idx[:, t]])  # B, D
         x = torch.zeros(B, nh, N, dtype=torch.float64)
+        handed_on = []
         for l in range(L):
+            i_gate = f_gate = torch.ones(B, nh, 1, 1, dtype=torch.float64)
+            if prime:
+                i_gate = torch.sigmoid(v @ g["gate_in"] + g["gate_in_bias"])[:, :, None, None]  # B, nh, 1, 1
+                f_gate = torch.sigmoid(v @ g["gate_forget"] + g["gate_forget_bias"])[:, :, None, None]
             x_new = F.relu(torch.einsum("bd,hdn->bhn", v, w["Dx"]))
             x = x + x_new if layout != "reference" else x_new
             a = torch.einsum("bhdn,bhn->bhd", rho[l], x)  # rho_{t-1,l} x_{t,l}: read before the write
             y = F.relu(torch.einsum("bhd,hdn->bhn", ln(a), w["Dy"])) * x
-            rho[l] = turn(lam * (rho[l] + v[:, None, :, None] * x[:, :, None, :]), w["freqs"], 1)
+            rho[l] = turn(f_gate * lam * (rho[l] + i_gate * v[:, None, :, None] * x[:, :, None, :]), w["freqs"], 1)
             z = torch.einsum("bhn,hnd->bd", y, w["E"])
             v = ln(z) if layout == "eq8" else ln(v + ln(z))
+            handed_on.append(v)
+        if prime:
+            scores = torch.stack([u @ g["logit_gate"] + g["logit_gate_bias"][l] for l, u in enumerate(handed_on)])
+            v = (torch.softmax(scores, dim=0)[..., None] * torch.stack(handed_on)).sum(0)
         out.append(v @ w["fd"])
     return torch.stack(out, dim=1), rho
