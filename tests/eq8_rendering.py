@@ -95,3 +95,24 @@ def render(model, idx, layout=None, rho=None):
             v = (torch.softmax(scores, dim=0)[..., None] * torch.stack(handed_on)).sum(0)
         out.append(v @ w["fd"])
     return torch.stack(out, dim=1), rho
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def assert_state_equals(model, state, rho, tol=1e-5):
+    """The model's carried state (absolute RoPE frames) is the rendered rho."""
+    freqs = model.freqs.double()[:, ::2]
+    for S, r in zip(state.rho, rho):
+        assert rel_err(rho_from_state(S, freqs, int(state.pos[0])), r) < tol
+
+
+def assert_forward_is_rendering(model, idx, tol=1e-5):
+    """model(idx) gives the rendered logits and state; returns the rendered logits."""
+    with torch.no_grad():
+        out = model(idx)
+    logits, rho = render(model, idx)
+    assert rel_err(out.logits.double(), logits) < tol
+    assert_state_equals(model, out.state, rho, tol)
+    return logits

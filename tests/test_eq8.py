@@ -5,7 +5,7 @@ rendering of the three lines, on logits and on the carried state rho."""
 import pytest
 import torch
 
-from tests.eq8_rendering import render, rho_from_state
+from tests.eq8_rendering import assert_forward_is_rendering, assert_state_equals, render, rho_from_state
 from tests.test_generate import silence_most_neurons
 from tests.test_model import make_model, rel_err
 
@@ -13,23 +13,12 @@ NORMS = {"ln": {}, "normfree": {"layernorm": False}}
 DECAYS = {"nodecay": {}, "alibi": {"decay": "alibi"}}
 
 
-def assert_state_equals(model, state, rho, tol=1e-5):
-    freqs = model.freqs.double()[:, ::2]
-    for S, r in zip(state.rho, rho):
-        assert rel_err(rho_from_state(S, freqs, int(state.pos[0])), r) < tol
-
-
 @pytest.mark.parametrize("decay", DECAYS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("impl", ["naive", "chunked", "recurrent", "auto"])
 def test_eq8_forward_is_the_papers_three_lines(impl, norm, decay):
     model = make_model(layout="eq8", attn_impl=impl, chunk_size=5, **NORMS[norm], **DECAYS[decay])
-    idx = torch.randint(0, 256, (2, 23))
-    with torch.no_grad():
-        out = model(idx)
-    logits, rho = render(model, idx)
-    assert rel_err(out.logits.double(), logits) < 1e-5
-    assert_state_equals(model, out.state, rho)
+    assert_forward_is_rendering(model, torch.randint(0, 256, (2, 23)))
 
 
 @pytest.mark.parametrize("layout", ["reference", "xacc-residual"])
@@ -37,11 +26,7 @@ def test_other_layouts_are_their_rendering(layout):
     """The rendering is not tailored to eq8: it gives the other layouts too, and they differ from eq8."""
     model = make_model(layout=layout, decay="alibi")
     idx = torch.randint(0, 256, (2, 17))
-    with torch.no_grad():
-        out = model(idx)
-    logits, rho = render(model, idx)
-    assert rel_err(out.logits.double(), logits) < 1e-5
-    assert_state_equals(model, out.state, rho)
+    logits = assert_forward_is_rendering(model, idx)
     eq8_logits, _ = render(model, idx, layout="eq8")
     assert rel_err(eq8_logits, logits) > 0.1
 

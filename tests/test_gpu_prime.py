@@ -5,10 +5,10 @@ states, gradients), checkpoints and the command line."""
 import pytest
 import torch
 
-from bdh import BDH, BDHConfig, UserError, load_model, save_model
+from bdh import BDHConfig, UserError, load_model, save_model
 from bdh.cli import main
 from bdh.ops.gated import gated_chunked, gated_naive, gated_recurrent
-from tests.eq8_rendering import render, rho_from_state
+from tests.eq8_rendering import assert_forward_is_rendering, assert_state_equals, render
 from tests.helpers import losses, tiny_args, write_text
 from tests.test_model import make_model, rel_err
 
@@ -25,23 +25,13 @@ def prime_model(**overrides):
     return model
 
 
-def assert_state_equals(model, state, rho):
-    freqs = model.freqs.double()[:, ::2]
-    for S, r in zip(state.rho, rho):
-        assert rel_err(rho_from_state(S, freqs, int(state.pos[0])), r) < 1e-5
-
-
 @pytest.mark.parametrize("layout", ["reference", "eq8"])
 @pytest.mark.parametrize("decay", [None, "alibi"], ids=["nodecay", "alibi"])
 @pytest.mark.parametrize("impl", ["naive", "chunked", "recurrent", "auto"])
 def test_gpu_prime_forward_is_its_equations(impl, decay, layout):
     model = prime_model(attn_impl=impl, chunk_size=5, decay=decay, layout=layout)
     idx = torch.randint(0, 256, (2, 19))
-    with torch.no_grad():
-        out = model(idx)
-    logits, rho = render(model, idx)
-    assert rel_err(out.logits.double(), logits) < 1e-5
-    assert_state_equals(model, out.state, rho)
+    logits = assert_forward_is_rendering(model, idx)
     model.config.variant = "gpu"  # the same weights without the gates give other logits
     assert rel_err(render(model, idx)[0], logits) > 0.05
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bdh import BDH, BDHConfig, save_model
+from bdh import save_model
 from bdh.cli import main
 from bdh.graph import from_model
 from bdh.graph.measure import count_messages, layout_distances
