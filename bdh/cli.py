@@ -9,6 +9,7 @@
     bdh compare   BDH against the GPT baseline of the same parameter count, trained alike
     bdh sweep     validation loss against parameter count at several sizes, with power-law fits
     bdh inspect   sparsity, synapses, concept synapses and the neuron graph: report.json + .html
+    bdh graph     BDH as a graph of neurons (bdh.graph): messages per token, thresholds: graph.json + plots
     bdh bench     the speed and memory benchmarks of benchmarks/ (JSON out)
     bdh explore   a local web app to watch a model read, fire neurons, grow synapses and write
 
@@ -758,6 +759,32 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# graph
+
+def add_graph_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, nargs="+",
+                        help="checkpoint directory (or run directory); several give the growth with n")
+    parser.add_argument("--text", required=True, help="UTF-8 text file to read")
+    parser.add_argument("--out", required=True, help="directory for graph.json and the plots")
+    parser.add_argument("--max-tokens", type=int, default=256, help="read at most this many tokens (default 256)")
+    parser.add_argument("--fractions", type=_float_list, default=None,
+                        help="fractions of the G_x, G_y edges kept in the threshold sweep (default 1,.5,.2,.1,.05,.02)")
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
+                        help="arithmetic of the graph form (default float64)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from bdh.graph.report import DEFAULT_FRACTIONS, graph_report
+
+    log = None if args.quiet else (lambda message: print(f"[graph] {message}", file=sys.stderr, flush=True))
+    graph_report(args.ckpt, args.text, args.out, max_tokens=args.max_tokens,
+                 fractions=args.fractions or DEFAULT_FRACTIONS, dtype=args.dtype, log=log)
+    print(f"wrote {Path(args.out) / 'graph.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # the table and main
 
 @dataclasses.dataclass(frozen=True)
@@ -779,6 +806,7 @@ COMMANDS: dict[str, Command] = {
     "merging": Command(cmd_merging, add_merging_args, "the merging experiment, table and plot"),
     "inspect": Command(cmd_inspect, add_inspect_args, "sparsity, synapses, concepts, neuron graph: a report"),
     "concepts": Command(cmd_concepts, add_concepts_args, "concept synapses tested across languages"),
+    "graph": Command(cmd_graph, add_graph_args, "BDH as a graph of neurons: messages, thresholds, layouts"),
     "bench": Command(cmd_bench, add_bench_args, "speed and memory benchmarks (JSON)"),
     "explore": Command(cmd_explore, add_explore_args, "a local web app: watch a model read, think and write"),
 }

@@ -18,7 +18,8 @@ from bdh.ops.chunked import CHUNK_SIZE
 from bdh.precision import DTYPE_NAMES
 
 ATTN_IMPLS = ("auto", "naive", "chunked", "recurrent")
-LAYOUTS = ("reference", "eq8")
+LAYOUTS = ("reference", "eq8", "xacc-residual")
+VARIANTS = ("gpu", "gpu-prime")
 
 
 class ModelConfig:
@@ -138,8 +139,16 @@ class BDHConfig(ModelConfig):
     # per-head state decay lambda_h in (0, 1] (paper's U / ALiBi); None = no decay, "alibi" =
     # lambda_h = exp(-2^(-8 h / nh)), h = 1..nh, the ALiBi slopes read as a multiplicative decay
     decay: list[float] | str | None = None
-    # "reference": x = relu(v D_x) per layer; "eq8": x accumulates in neuron space (paper Eq. 8)
+    # "reference": the authors' code, x = relu(v D_x) per layer and the d-space residual
+    # v = LN(v + LN(y E)); "eq8": the paper's Eq. 8 (Eq. 7 with layernorm=False), x accumulates
+    # in neuron space and a layer hands on v = LN(y E) with no d-space residual; "xacc-residual":
+    # x accumulated as in Eq. 8 AND the reference's d-space residual (in neither; what "eq8"
+    # computed before it was made the paper's Eq. 8)
     layout: str = "reference"
+    # "gpu": BDH-GPU. "gpu-prime": BDH-GPU' as this package reconstructs it (the paper gives no
+    # equations): per-head input and forget gates on the state update computed from the layer
+    # input, and the next-token prediction merged over all layers by learned gates (bdh/model.py)
+    variant: str = "gpu"
     # False gives BDH-Normfree (paper Eq. 7): every LayerNorm becomes the identity
     layernorm: bool = True
     # train without backprop through time: stop gradients through keys/queries and values
@@ -176,6 +185,7 @@ class BDHConfig(ModelConfig):
         if self.fused != "auto" and not isinstance(self.fused, bool):
             self._fail("fused", "be true, false or 'auto'", self.fused)
         self._check_choice("layout", LAYOUTS)
+        self._check_choice("variant", VARIANTS)
         self._check_choice("compute_dtype", DTYPE_NAMES)
         self._check_bools("layernorm", "detach_kv")
         if isinstance(self.decay, str) and self.decay != "alibi":
@@ -200,8 +210,11 @@ class BDHConfig(ModelConfig):
         return self.n_head * self.neurons_per_head
 
     def num_params(self) -> int:
-        """3 n D + 2 V D (one shared layer, untied embedding and read-out)."""
-        return 3 * self.n_neurons * self.n_embd + 2 * self.vocab_size * self.n_embd
+        """3 n D + 2 V D (one shared layer, untied embedding and read-out); BDH-GPU' adds its gates:
+        2 (D nh + nh) for input and forget, D + L for the logit merge."""
+        gates = 2 * (self.n_embd * self.n_head + self.n_head) + self.n_embd + self.n_layer
+        return 3 * self.n_neurons * self.n_embd + 2 * self.vocab_size * self.n_embd + \
+            (gates if self.variant == "gpu-prime" else 0)
 
 
 def _load_yaml(text: str) -> Any:

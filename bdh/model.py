@@ -1,5 +1,31 @@
 """BDH-GPU: embed -> n_layer passes of ONE shared layer -> lm_head (the paper's Section 3, Eq. 8).
 
+Layouts (`config.layout`), per token t and layer l = 1..L, LN = LayerNorm without weights (the
+identity when layernorm=False), U = the per-head decay lambda_h times the RoPE rotation:
+- "reference" (the authors' code): x_l = relu(D_x v_{l-1}), a_l = rho_{t-1,l} x_l (read before
+  the write rho_{t,l} = (rho_{t-1,l} + v_{l-1} x_l^T) U), y_l = relu(D_y LN(a_l)) * x_l and the
+  d-space residual v_l = LN(v_{l-1} + LN(E y_l)).
+- "eq8" (the paper's Eq. 8; Eq. 7, BDH-Normfree, with layernorm=False): the residual lives in
+  neuron space only. With v*_l = LN(E y_l) the d-vector layer l hands on:
+      rho_{t,l} = (rho_{t-1,l} + v*_{t,l-1} x_{t,l}^T) U
+      x_{t,l}   = x_{t,l-1} + relu(D_x v*_{t,l-1})
+      y_{t,l}   = relu(D_y LN(rho_{t-1,l} x_{t,l})) * x_{t,l}
+  What enters the first layer: v*_{t,0} = LN(embed(token_t)) and x_{t,0} = 0, so
+  x_{t,1} = relu(D_x v*_{t,0}). What lm_head reads: v*_{t,L} = LN(E y_{t,L}), logits = v*_{t,L} f_d.
+- "xacc-residual": x accumulated as in "eq8" and the d-space residual of "reference"; in neither
+  the code nor the paper (it is what "eq8" computed before it was made the paper's Eq. 8).
+Only "reference" runs through the fused layer; the others run op by op (see `engine`).
+
+Variants (`config.variant`): "gpu" is BDH-GPU. "gpu-prime" is BDH-GPU', which the paper
+describes only as BDH-GPU with "xLSTM-like gating of states and logits" that "merges next-token
+predictions from all layers"; these equations are OUR reconstruction, in any layout:
+    i_{t,l,h} = sigmoid(v_{t,l-1} . w^i_h + b^i_h),  f_{t,l,h} = sigmoid(v_{t,l-1} . w^f_h + b^f_h)
+    read a_{t,l,h} = rho_{t-1,l,h} x_{t,l,h}, then rho_{t,l,h} = f lambda_h (rho_{t-1,l,h} + i v_{t,l-1} x^T) R
+    g_{t,l} = softmax over l of (v_{t,l} . w^g + b^g_l),   logits_t = (sum_l g_{t,l} v_{t,l}) f_d
+with v_{t,l} the d-vector layer l hands on (v_{t,0} the embedding) and R the RoPE rotation;
+the gates' weights start N(0, 0.02^2), b^i = b^f = GATE_BIAS (gates near 1: BDH-GPU at the
+start), b^g = 0. It runs op by op (bdh.ops.gated) and decodes densely (gated_decode_layer).
+
 Parameter names follow the authors' state_dict (so their checkpoints load as they are):
     encoder   D_x (nh, D, N)   d-space -> neuron space, gives x
     encoder_v D_y (nh, D, N)   attention read-out -> neuron space, gives y
@@ -30,6 +56,7 @@ from torch import nn
 from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
+from bdh.ops.gated import gated_decode_layer, get_gated_attention
 from bdh.ops.layer import fused_layer, norm
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
 from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
@@ -38,6 +65,7 @@ from bdh.state import BDHState
 
 REFERENCE_KEYS = ("encoder", "encoder_v", "decoder", "embed.weight", "lm_head", "attn.freqs")
 Capture = Callable[[str, int, torch.Tensor], None]
+GATE_BIAS = 4.0  # BDH-GPU' input and forget gates start at sigmoid(4) = 0.98
 
 
 class BDH(ModelBase):
@@ -54,6 +82,13 @@ class BDH(ModelBase):
         self.encoder_v = nn.Parameter(torch.empty(nh, D, N))
         self.decoder = nn.Parameter(torch.empty(nh * N, D))
         self.lm_head = nn.Parameter(torch.empty(D, V))
+        if config.variant == "gpu-prime":
+            self.gate_in = nn.Parameter(torch.empty(D, nh))
+            self.gate_in_bias = nn.Parameter(torch.empty(nh))
+            self.gate_forget = nn.Parameter(torch.empty(D, nh))
+            self.gate_forget_bias = nn.Parameter(torch.empty(nh))
+            self.logit_gate = nn.Parameter(torch.empty(D))
+            self.logit_gate_bias = nn.Parameter(torch.empty(config.n_layer))
         self.register_buffer("freqs", rope_freqs(N, config.rope_theta).expand(nh, N).clone())
         decay = None if config.decay is None else torch.tensor(config.decay, dtype=torch.float32)
         self.register_buffer("decay", decay, persistent=False)
@@ -66,6 +101,12 @@ class BDH(ModelBase):
         """N(0, 0.02^2) for every weight, as the reference code."""
         for weight in (self.embed.weight, self.encoder, self.encoder_v, self.decoder, self.lm_head):
             nn.init.normal_(weight, mean=0.0, std=0.02)
+        if self.config.variant == "gpu-prime":
+            for weight in (self.gate_in, self.gate_forget, self.logit_gate):
+                nn.init.normal_(weight, mean=0.0, std=0.02)
+            nn.init.constant_(self.gate_in_bias, GATE_BIAS)
+            nn.init.constant_(self.gate_forget_bias, GATE_BIAS)
+            nn.init.zeros_(self.logit_gate_bias)
 
     # the protocol (bdh.protocol.LanguageModel)
     def num_params(self, embeddings: bool = True) -> int:
@@ -126,8 +167,8 @@ class BDH(ModelBase):
             return None
         C = min(c.chunk_size, T)
         why = None
-        if c.attn_impl not in ("auto", "chunked") or c.layout != "reference" or c.detach_kv:
-            why = "attn_impl auto or chunked, the reference layout and no detach_kv"
+        if c.attn_impl not in ("auto", "chunked") or c.layout != "reference" or c.detach_kv or c.variant != "gpu":
+            why = "attn_impl auto or chunked, the reference layout, variant gpu and no detach_kv"
         elif c.compute_dtype != "float32":
             why = "compute_dtype float32"
         elif T < 2 or T % C:
@@ -146,11 +187,13 @@ class BDH(ModelBase):
         c = self.config
         T = idx.shape[1]
         chunk = self._fused_chunk(T)
-        attn = None if chunk else get_attention(self.engine(T, state is not None, return_state), c.chunk_size)
+        gated = c.variant == "gpu-prime"
+        forms = get_gated_attention if gated else get_attention
+        attn = None if chunk else forms(self.engine(T, state is not None, return_state), c.chunk_size)
         rotors = self._rope(idx, state)  # 1|B, nh, T, N/2 complex
         v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, T, D
         x = None
-        rho = []
+        rho, handed_on = [], []
         for layer in range(c.n_layer):
             s0 = None if state is None else state.rho[layer]
             if chunk:
@@ -161,11 +204,40 @@ class BDH(ModelBase):
                 x = self._neurons(v, x, layer)  # B, nh, T, N
                 q = apply_rope_complex(x, rotors)  # B, nh, T, N ; keys == queries
                 k, values = (q.detach(), v.detach()) if c.detach_kv else (q, v)
-                a, rho_l = attn(q, k, values, s0, self.decay, return_state)
+                if gated:
+                    log_in, log_forget = self._gates(v)  # B, nh, T
+                    values = values * torch.exp(log_in).unsqueeze(-1)  # B, nh, T, D
+                    a, rho_l = attn(q, k, values, log_forget, s0, return_state)
+                else:
+                    a, rho_l = attn(q, k, values, s0, self.decay, return_state)
                 z = self._read_out(a, x, layer)  # B, 1, T, D
-            v = self._ln(v + self._ln(z))  # B, 1, T, D
+            v = self._hand_on(v, z)  # B, 1, T, D
             rho.append(rho_l)
-        return v.squeeze(1) @ self.lm_head, rho  # B, T, V
+            handed_on.append(v.squeeze(1))
+        return self._read(handed_on) @ self.lm_head, rho  # B, T, V
+
+    def _gates(self, v):
+        """BDH-GPU' state gates from the layer input v (B, 1|-, T, D) or (B, D): log i, log f (the
+        decay folded in) as (B, nh, T), or (B, nh) for one token."""
+        one = v.dim() == 2
+        v = v if one else v.squeeze(1)  # B, [T,] D
+        log_in = F.logsigmoid(v @ self.gate_in + self.gate_in_bias)  # B, [T,] nh
+        log_forget = F.logsigmoid(v @ self.gate_forget + self.gate_forget_bias)
+        if self.decay is not None:
+            log_forget = log_forget + torch.log(self.decay).to(log_forget.dtype)
+        if one:
+            return log_in, log_forget
+        return log_in.transpose(1, 2), log_forget.transpose(1, 2)
+
+    def _read(self, handed_on):
+        """What lm_head reads: the last layer's d-vector (BDH-GPU), or the gated merge (BDH-GPU-prime) of every
+        layer's: sum_l softmax_l(v_l . w^g + b^g_l) v_l. handed_on: L x (B, [T,] D)."""
+        if self.config.variant != "gpu-prime":
+            return handed_on[-1]
+        vs = torch.stack(handed_on)  # L, B, [T,] D
+        bias = self.logit_gate_bias.view(-1, *([1] * (vs.dim() - 2)))
+        weights = torch.softmax(vs @ self.logit_gate + bias, dim=0)  # L, B, [T]
+        return (weights.unsqueeze(-1) * vs).sum(0)
 
     def _emit(self, site: str, layer: int, t: torch.Tensor) -> None:
         if self._capture is not None:
@@ -175,10 +247,20 @@ class BDH(ModelBase):
         c = self.config
         return self.decoder.view(c.n_head, c.neurons_per_head, c.n_embd)  # nh, N, D
 
+    def _accumulates_x(self) -> bool:
+        return self.config.layout != "reference"
+
+    def _hand_on(self, v, z):
+        """The d-vector the next layer (or lm_head) reads, from this layer's input v and output z = E y:
+        LN(v + LN(z)) with the d-space residual (reference, xacc-residual), LN(z) in Eq. 8."""
+        if self.config.layout == "eq8":
+            return self._ln(z)
+        return self._ln(v + self._ln(z))
+
     def _neurons(self, v, x_prev, layer):
-        """x = relu(v D_x): (B, 1, T, D) -> (B, nh, T, N); accumulated over layers in the eq8 layout."""
+        """x = relu(v D_x): (B, 1, T, D) -> (B, nh, T, N); x_prev + that where x accumulates (Eq. 8)."""
         x = F.relu(head_product(v, self.encoder))
-        if x_prev is not None and self.config.layout == "eq8":
+        if x_prev is not None and self._accumulates_x():
             x = x_prev + x
         self._emit("x", layer, x)
         return x
@@ -220,13 +302,21 @@ class BDH(ModelBase):
             v = self._ln(self.embed(idx[:, 0]))  # B, D
             E = self._E()
             x = None
+            handed_on = []
             for layer in range(c.n_layer):
                 x_new = decode_neurons(v, self.encoder)  # nh, B, N
-                x = x_new if x is None or c.layout != "eq8" else x + x_new
+                x = x_new if x is None or not self._accumulates_x() else x + x_new
                 self._emit("x", layer, _cols(x))
                 q = rotate_rows(x, rotors)  # nh, B, N
                 active = self._active(x)
-                if active is None:
+                if c.variant == "gpu-prime":
+                    log_in, log_forget = self._gates(v)  # B, nh
+                    z, a, y = gated_decode_layer(x, q, v.unsqueeze(1) * torch.exp(log_in).unsqueeze(-1),
+                                                 torch.exp(log_forget), state.rho[layer], self.encoder_v, E,
+                                                 c.layernorm)
+                    self._emit("a", layer, _cols(a))
+                    self._emit("y", layer, _cols(y))
+                elif active is None:
                     z, a, y = decode_layer(x, q, v, state.rho[layer], self.encoder_v, E, self.decay, c.layernorm)
                     self._emit("a", layer, _cols(a))
                     self._emit("y", layer, _cols(y))
@@ -237,16 +327,17 @@ class BDH(ModelBase):
                     if self._capture is not None:
                         y = y_a.new_zeros(B, c.n_neurons).index_copy_(1, active, y_a)  # B, n
                         self._emit("y", layer, y.view(B, c.n_head, 1, -1))
-                v = self._ln(v + self._ln(z))
-            logits = (v @ self.lm_head).unsqueeze(1)  # B, 1, V
+                v = self._hand_on(v, z)
+                handed_on.append(v)
+            logits = (self._read(handed_on) @ self.lm_head).unsqueeze(1)  # B, 1, V
         state.pos += 1
         return ModelOutput(logits=logits.float(), loss=None, state=state)
 
     def _active(self, x):
         """The active neurons (see active_neurons) when few enough for the sparse path, else None."""
         threshold = self.config.sparse_decode_below
-        if threshold <= 0 or self.decay is not None or self.training:
-            return None  # off, or decay rescales every row of the state: nothing to skip
+        if threshold <= 0 or self.decay is not None or self.training or self.config.variant != "gpu":
+            return None  # off, or decay (or a forget gate) rescales every row of the state: nothing to skip
         return active_neurons(x, threshold)
 
     def _encoder_v_rows(self) -> torch.Tensor:

@@ -10,6 +10,7 @@ VARIANTS = {
     "reference": {},
     "decay": {"decay": "alibi"},
     "eq8": {"layout": "eq8"},
+    "xacc-residual": {"layout": "xacc-residual"},
     "normfree": {"layernorm": False},
 }
 
@@ -132,7 +133,7 @@ def test_variants_change_the_function():
         torch.manual_seed(0)
         with torch.no_grad():
             outs[name] = make_model(**overrides)(idx).logits
-    for name in ("decay", "eq8", "normfree"):
+    for name in ("decay", "eq8", "xacc-residual", "normfree"):
         assert not torch.allclose(outs[name], outs["reference"])
 
 
