@@ -707,7 +707,7 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("train_step", "generate", "sparse_decode")
+BENCHMARKS = ("train_step", "vs_authors", "generate", "sparse_decode")
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:

@@ -57,7 +57,7 @@ from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
 from bdh.ops.gated import gated_decode_layer, get_gated_attention
-from bdh.ops.layer import fused_layer, norm
+from bdh.ops.layer import dropout_scale, fused_layer, norm
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
 from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
@@ -274,7 +274,7 @@ class BDH(ModelBase):
         y = F.relu(head_product(self._ln(a), self.encoder_v)) * x  # B, nh, T, N
         self._emit("y", layer, y)
         if self.training and self.drop.p > 0:
-            y = self.drop(y.contiguous())  # contiguous: dropout draws as the fused layer does
+            y = y * dropout_scale(y, self.drop.p)  # drawn as the fused layer draws it
         E = self._E()
         if few_tokens(y):
             return head_product(y, E).sum(dim=1, keepdim=True)  # B, 1, T, D

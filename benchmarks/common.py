@@ -15,8 +15,11 @@ import torch
 
 
 def machine() -> dict:
+    flags = _cpu_flags()
     info = {
         "cpu": _cpu_name(),
+        "avx512": any(f.startswith("avx512") for f in flags),
+        "avx2": "avx2" in flags,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -35,6 +38,16 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def timed(fn, repeats: int, warmup: int = 1, sync=None) -> list[float]:

@@ -69,7 +69,7 @@ def test_dropout_matches_the_same_mask(keep_x, monkeypatch):
     torch.manual_seed(7)
     z, state = fused_layer(v, Dx, Dy, E, rotors, None, None, 4, True, dropout=0.25, need_state=True)
     torch.manual_seed(7)
-    keep = torch.empty(B, NH, 12, N, dtype=torch.float64).bernoulli_(0.75).div_(0.75)  # the draw F.dropout makes
+    keep = (torch.rand(B, NH, 12, N, dtype=torch.float64) >= 0.25).double() / 0.75  # dropout_scale's draw
     z_ref, state_ref = reference_layer(v, Dx, Dy, E, rotors, None, None, True, keep)
     assert 0 < (keep == 0).float().mean() < 0.5
     assert rel_err(z, z_ref) < 1e-12
@@ -112,3 +112,13 @@ def test_two_layers_sharing_scratch_buffers_match_op_by_op(keep_x, monkeypatch):
         assert rel_err(g, g_ref) < 1e-11
     SCRATCH.clear()
     assert not SCRATCH.buffers
+
+
+def test_dropout_scale_keeps_each_entry_with_probability_one_minus_p():
+    y = torch.ones(200_000)
+    scale = layer.dropout_scale(y, 0.1)
+    kept = scale != 0
+    values = scale.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.9)
+    assert abs(kept.float().mean().item() - 0.9) < 0.005  # 0.9 +- 7 standard errors
+    assert abs((y * scale).mean().item() - 1.0) < 0.01  # unbiased: E[y * scale] = y

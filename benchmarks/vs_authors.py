@@ -1,0 +1,96 @@
+"""The default `bdh` training step against the authors' form (benchmarks/authors_form.py).
+
+Same config and weights, one forward + backward + AdamW step, median of --repeats steps after one
+untimed step, each (form, T, dropout) in a fresh process so that its peak RSS is its own. The
+batch is --tokens-per-step / T sequences of T tokens. The JSON records the CPU model and whether
+it has AVX-512 and AVX2 (benchmarks/common.py), the ratios of tokens/s and of peak memory, and
+the first-step losses (equal to ~1e-5 at dropout 0: the same computation).
+
+    python benchmarks/vs_authors.py --preset small --seq 128 512 2048 --dropout 0 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from common import emit, median
+
+WORKER = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, sys.argv[6])
+from authors_form import AuthorsForm
+from bdh import BDH, BDHConfig
+form, preset, T, B, p, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[7])
+torch.manual_seed(0)
+model = BDH(BDHConfig.from_name(preset, dropout=p))
+if form == "authors":
+    model = AuthorsForm.from_bdh(model)
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+g = torch.Generator().manual_seed(1)
+x = torch.randint(0, 256, (B, T), generator=g)
+y = torch.randint(0, 256, (B, T), generator=g)
+losses = []
+def step():
+    out = model(x, y, return_state=False).loss if form == "bdh" else model(x, y)[1]
+    opt.zero_grad(set_to_none=True)
+    out.backward()
+    opt.step()
+    losses.append(out.item())
+step()
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+print(json.dumps({"times": times, "loss": losses[0], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run(form: str, preset: str, T: int, B: int, p: float, repeats: int) -> dict:
+    here = str(Path(__file__).resolve().parent)
+    cmd = [sys.executable, "-c", WORKER, form, preset, str(T), str(B), str(p), here, str(repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    t = median(r["times"])
+    return {"tokens_per_s": round(B * T / t, 1), "step_s": round(t, 4), "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20),
+            "first_loss": r["loss"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--seq", nargs="+", type=int, default=[128, 512, 2048])
+    p.add_argument("--tokens-per-step", type=int, default=2048, help="batch size = this / T (at least 1)")
+    p.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for T in args.seq:
+        B = max(1, args.tokens_per_step // T)
+        for dropout in args.dropout:
+            forms = {form: run(form, args.preset, T, B, dropout, args.repeats) for form in ("bdh", "authors")}
+            row = {"preset": args.preset, "T": T, "batch": B, "dropout": dropout, "forms": forms}
+            ours, theirs = forms["bdh"], forms["authors"]
+            if "tokens_per_s" in ours and "tokens_per_s" in theirs:
+                row["speedup"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)
+                row["memory_ratio"] = round(ours["peak_rss_mib"] / theirs["peak_rss_mib"], 2)
+                row["first_loss_diff"] = abs(ours["first_loss"] - theirs["first_loss"])
+            rows.append(row)
+    for row in rows:  # what dropout 0.1 costs over dropout 0, per form
+        base = next((r for r in rows if r["T"] == row["T"] and r["dropout"] == 0.0), None)
+        if base is not None and row["dropout"] > 0:
+            row["dropout_cost"] = {f: round(base["forms"][f]["tokens_per_s"] / row["forms"][f]["tokens_per_s"] - 1, 3)
+                                   for f in ("bdh", "authors")
+                                   if "tokens_per_s" in row["forms"][f] and "tokens_per_s" in base["forms"][f]}
+    emit("vs_authors", {"results": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
