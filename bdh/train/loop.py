@@ -599,7 +599,8 @@ class Trainer:
         val = None
         if self.main:
             if p.last_val and p.last_val.get("step") == p.step:
-                val = EvalResult(**{k: p.last_val[k] for k in ("loss", "bpb", "ppl", "tokens")})
+                val = EvalResult(**{k: p.last_val[k] for k in ("loss", "bpb", "ppl", "tokens")},
+                                 se=p.last_val.get("se"), batches=p.last_val.get("batches", 0))
             else:
                 val = self.validate(final=True)
                 self.log({}, val, final=True)
