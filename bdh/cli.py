@@ -4,7 +4,7 @@
     bdh generate  sample from a checkpoint, streaming the text as it comes
     bdh eval      loss, bits per byte and perplexity of a checkpoint on text
     bdh info      a checkpoint's config, parameter counts and training summary
-    bdh compare   BDH against the GPT baseline of the same parameter count, trained alike
+    bdh compare   BDH against the GPT of its parameter count (or other families), each at its own best lr
     bdh sweep     validation loss against parameter count at several sizes, with power-law fits
     bdh inspect   sparsity, synapses, concept synapses and the neuron graph: report.json + .html
     bdh bench     the speed and memory benchmarks of benchmarks/ (JSON out)
@@ -412,7 +412,8 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
                       help="share of the training split (its end) held out to score the trials (default: 0.05)")
     tune.add_argument("--tune-eval-iters", type=_parse_as(int), default=0, metavar="N",
                       help="batches of the held-out slice a trial is scored on; 0: all of it (default: 0)")
-    add_train_fields(parser, skip=("model_type", "out"))
+    # the search sets holdout_fraction for its trials; a reported run always validates on the validation split
+    add_train_fields(parser, skip=("model_type", "out", "holdout_fraction"))
 
 
 def add_compare_args(parser: argparse.ArgumentParser) -> None:
@@ -662,7 +663,8 @@ COMMANDS: dict[str, Command] = {
     "generate": Command(cmd_generate, add_generate_args, "sample text from a checkpoint, streamed as it comes"),
     "eval": Command(cmd_eval, add_eval_args, "validation loss, bits per byte and perplexity of a checkpoint"),
     "info": Command(cmd_info, add_info_args, "a checkpoint's config, parameter counts and training summary"),
-    "compare": Command(cmd_compare, add_compare_args, "train BDH and a GPT of its size alike; table and curves"),
+    "compare": Command(cmd_compare, add_compare_args, "BDH against other families, each at its own searched lr: "
+                                                      "equal tokens and equal time; table and curves"),
     "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),
     "inspect": Command(cmd_inspect, add_inspect_args, "sparsity, synapses, concepts, neuron graph: a report"),
     "bench": Command(cmd_bench, add_bench_args, "speed and memory benchmarks (JSON)"),
