@@ -90,9 +90,9 @@ def test_compare_refuses_a_directory_with_other_settings(compared, monkeypatch, 
     monkeypatch.setenv("BDH_CACHE", str(root / "cache"))
     monkeypatch.setattr(runs, "run_in_child", Runs())
     before = (root / "cmp" / "compare.json").read_bytes()
-    assert main([*argv, "--lr", "0.002"]) == 2
+    assert main([*argv, "--weight-decay", "0.2"]) == 2
     line = one_line_error(capsys)
-    assert "holds a run with other settings (lr: 0.001 != 0.002)" in line and "--overwrite" in line
+    assert "holds a run with other settings (weight_decay: 0.1 != 0.2)" in line and "--overwrite" in line
     assert (root / "cmp" / "compare.json").read_bytes() == before
 
 
@@ -107,7 +107,7 @@ def test_killed_compare_resumes_where_it_stopped(tmp_path, text_file, monkeypatc
     again = Runs()
     monkeypatch.setattr(runs, "run_in_child", again)
     assert main(argv) == 0
-    assert "bdh (65,536 parameters): resuming at step 1" in capsys.readouterr().out
+    assert "bdh (65,536 parameters, lr 0.001, 4 steps): resuming at step 1" in capsys.readouterr().out
     assert again.names == ["bdh", "gpt"]
     assert again.specs[0]["resume"] == str(out / "bdh") and again.specs[1]["resume"] is None
     assert [r["step"] for r in metrics(out / "bdh")] == [1, 2, 3, 4]

@@ -82,8 +82,8 @@ def test_killed_sweep_trains_only_what_is_left(tmp_path, text_file, monkeypatch,
     printed = capsys.readouterr().out
     assert again.names == ["bdh-m8", "bdh-m16"]
     assert again.specs[0]["resume"] == str(out / "bdh-m8") and again.specs[1]["resume"] is None
-    assert "bdh-m2 (22,528 parameters): reusing the finished run (4 steps)" in printed
-    assert "bdh-m8 (40,960 parameters): resuming at step 1" in printed
+    assert "bdh-m2 (22,528 parameters), lr 0.001: reusing the finished run (4 steps)" in printed
+    assert "bdh-m8 (40,960 parameters), lr 0.001: resuming at step 1" in printed
     data = json.loads((out / "sweep.json").read_text())
     assert sorted(data["runs"]) == ["bdh-m16", "bdh-m2", "bdh-m4", "bdh-m8"]
     assert [r["step"] for r in metrics(out / "bdh-m8")] == [1, 2, 3, 4]
