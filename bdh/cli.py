@@ -663,8 +663,7 @@ COMMANDS: dict[str, Command] = {
     "generate": Command(cmd_generate, add_generate_args, "sample text from a checkpoint, streamed as it comes"),
     "eval": Command(cmd_eval, add_eval_args, "validation loss, bits per byte and perplexity of a checkpoint"),
     "info": Command(cmd_info, add_info_args, "a checkpoint's config, parameter counts and training summary"),
-    "compare": Command(cmd_compare, add_compare_args, "BDH against other families, each at its own searched lr: "
-                                                      "equal tokens and equal time; table and curves"),
+    "compare": Command(cmd_compare, add_compare_args, "BDH vs a GPT of its size, each at its best lr; curves"),
     "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),
     "inspect": Command(cmd_inspect, add_inspect_args, "sparsity, synapses, concepts, neuron graph: a report"),
     "bench": Command(cmd_bench, add_bench_args, "speed and memory benchmarks (JSON)"),
