@@ -6,7 +6,7 @@
     bdh translate translate text with a model trained on --task translate
     bdh merge     merge two BDH models by concatenating their neurons
     bdh info      a checkpoint's config, parameter counts and training summary
-    bdh compare   BDH against the GPT baseline of the same parameter count, trained alike
+    bdh compare   BDH against the GPT of its parameter count (or other families), each at its own best lr
     bdh sweep     validation loss against parameter count at several sizes, with power-law fits
     bdh inspect   sparsity, synapses, concept synapses and the neuron graph: report.json + .html
     bdh graph     BDH as a graph of neurons (bdh.graph): messages per token, thresholds: graph.json + plots
@@ -111,15 +111,17 @@ def parse_model_args(items: list[str], flag: str = "--model-arg") -> dict[str, A
     return overrides
 
 
-def train_config_from_args(args: argparse.Namespace):
-    """(TrainConfig, checkpoint to resume or None): defaults or the resumed run's config, then YAML, then flags."""
+def train_config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
+    """(TrainConfig, checkpoint to resume or None): defaults or the resumed run's config, then YAML, then flags.
+
+    defaults: values that replace TrainConfig's own defaults (the experiments' final evaluation)."""
     from bdh.train import args as train_args
     from bdh.train.checkpoint import load_checkpoint
 
     flags = {name: getattr(args, name) for name in train_args.field_names() if hasattr(args, name)}
     model_flags = parse_model_args(args.model_arg)
     from_yaml = train_args.load_yaml_config(args.config) if args.config else {}
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(defaults or {})
     resumed = None
     if getattr(args, "resume", None) is not None:
         target = args.resume or flags.get("out") or from_yaml.get("out")
@@ -481,22 +483,50 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpt-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="hold one field of the matched GPT, e.g. --gpt-arg pos_encoding=alibi "
                              "(repeatable; default: GPT-2 shape with learned positions for --block-size)")
-    add_train_fields(parser, skip=("model_type", "out", "init_from"))
+    parser.add_argument("--family-arg", action="append", default=[], metavar="FAMILY:KEY=VALUE",
+                        help="one config field of another model family: held by its parameter matcher, or "
+                             "overriding its preset (repeatable; --gpt-arg K=V is --family-arg gpt:K=V)")
+    tune = parser.add_argument_group("the search of each model's settings (on a slice held out from the "
+                                     "training split; never on the validation split)")
+    tune.add_argument("--tune", action="append", default=None, metavar="KEY=V1,V2,...",
+                      help="a grid to search for every model (repeatable; keys: lr, warmup_iters, weight_decay; "
+                           "default: lr=1e-3,3e-3,1e-2). A field given as an option (--lr X) is held, not searched")
+    tune.add_argument("--no-tune", action="store_true",
+                      help="no search: every model trains at the given (or default) settings")
+    tune.add_argument("--tune-share", type=_parse_as(float), default=0.25, metavar="X",
+                      help="a trial's budget as a share of the run's (steps, warm-up, decay, minutes) (default: 0.25)")
+    tune.add_argument("--tune-holdout", type=_parse_as(float), default=0.05, metavar="X",
+                      help="share of the training split (its end) held out to score the trials (default: 0.05)")
+    tune.add_argument("--tune-eval-iters", type=_parse_as(int), default=0, metavar="N",
+                      help="batches of the held-out slice a trial is scored on; 0: all of it (default: 0)")
+    # the search sets holdout_fraction for its trials; a reported run always validates on the validation split
+    add_train_fields(parser, skip=("model_type", "out", "holdout_fraction", "init_from"))
 
 
 def add_compare_args(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Both models share every training option (data, tokenizer, batches, optimizer, schedule, seed, "
-                     "--max-iters and --max-minutes: each model gets the budget, whichever limit comes first; the "
-                     "learning rate decays over --max-iters). Writes DIR/bdh, DIR/gpt, compare.md, compare.json, "
-                     "val_loss_vs_tokens.png and val_loss_vs_time.png.")
+    from bdh.experiments.families import DEFAULT_MODELS
+
+    parser.epilog = ("Every model shares every training option (data, tokenizer, batches, schedule shape, seed, "
+                     "--max-iters and --max-minutes) but the settings its own search chose (--tune). The final "
+                     "loss is scored on the whole validation split (--final-eval-iters N for N batches), with its "
+                     "standard error. Writes DIR/<model>, DIR/<model>-time (--equal-time), DIR/tune, compare.md, "
+                     "compare.json, val_loss_vs_tokens.png and val_loss_vs_time.png.")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), metavar="LIST",
+                        help="registered model families to train, comma-separated; BDH is the reference the others "
+                             f"are sized by (default: {','.join(DEFAULT_MODELS)})")
+    parser.add_argument("--equal-time", nargs="?", const="auto", default=None, metavar="SECONDS",
+                        help="also train every model for the same wall-clock time: SECONDS of training steps, or "
+                             "without a value the slowest model's equal-token time (default: equal tokens only)")
     add_experiment_args(parser)
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
-    from bdh.experiments.sweep import DEFAULT_SIZES, FIT_ON, MODELS
+    from bdh.experiments.families import DEFAULT_MODELS as MODELS
+    from bdh.experiments.sweep import DEFAULT_SIZES, FIT_ON
 
     parser.epilog = ("BDH grows only its neuron count; gpt-mK is the GPT of bdh-mK's parameter count. Every run gets "
-                     "the same training options and budget (--max-iters / --max-minutes per run). Writes "
+                     "the same training options and budget (--max-iters / --max-minutes per run) but the settings its "
+                     "own search chose (--tune); final losses on the whole validation split. Writes "
                      "DIR/<model>-m<size>/, sweep.md, sweep.json and scaling.png.")
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), metavar="M,M,...",
                         help="BDH neuron multipliers (mlp_internal_dim_multiplier) of the --preset to train "
@@ -509,24 +539,73 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     add_experiment_args(parser)
 
 
+# an experiment scores its final losses on the whole validation split unless told otherwise
+EXPERIMENT_DEFAULTS = {"final_eval_iters": 0}
+
+
+def experiment_inputs(args: argparse.Namespace):
+    """(TrainConfig, family args, TuneSpec) of compare and sweep; a field given as an option is not searched."""
+    from bdh.experiments.families import parse_family_args
+    from bdh.experiments.tuning import DEFAULT_GRID, TuneSpec, parse_grid
+    from bdh.train import args as train_args
+
+    cfg, _ = train_config_from_args(args, EXPERIMENT_DEFAULTS)
+    family_args = parse_family_args(args.family_arg)
+    gpt = parse_model_args(args.gpt_arg, "--gpt-arg")
+    if gpt:
+        family_args["gpt"] = {**family_args.get("gpt", {}), **gpt}
+    given = {n for n in train_args.field_names() if hasattr(args, n)}
+    if args.config:
+        given |= set(train_args.load_yaml_config(args.config))
+    if args.no_tune:
+        if args.tune:
+            raise UserError("--no-tune and --tune contradict each other: pass one")
+        grid = {}
+    elif args.tune:
+        grid = parse_grid(args.tune)
+        held = sorted(set(grid) & given)
+        if held:
+            raise UserError(f"{', '.join(held)} is both given (--{held[0].replace('_', '-')}) and searched (--tune): "
+                            "drop one")
+    else:
+        grid = {k: v for k, v in DEFAULT_GRID.items() if k not in given}
+    tune = TuneSpec(grid=grid, share=args.tune_share, holdout=args.tune_holdout, eval_iters=args.tune_eval_iters)
+    return cfg, family_args, tune
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from bdh.experiments import compare
+    from bdh.experiments.families import parse_models
 
-    cfg, _ = train_config_from_args(args)
-    gpt_fixed = parse_model_args(args.gpt_arg, "--gpt-arg")
-    return _experiment(lambda: compare(cfg, args.experiment_dir, gpt_fixed, overwrite=args.overwrite,
-                                       command=_command_line(args)))
+    models = parse_models(args.models)
+    equal_time = args.equal_time
+    if equal_time not in (None, "auto"):
+        equal_time = _parse_as(float)(equal_time) if _is_number(equal_time) else equal_time
+        if not isinstance(equal_time, float):
+            raise UserError(f"--equal-time takes a number of seconds, got {args.equal_time!r}")
+    cfg, family_args, tune = experiment_inputs(args)
+    return _experiment(lambda: compare(cfg, args.experiment_dir, overwrite=args.overwrite, command=_command_line(args),
+                                       models=models, family_args=family_args, tune=tune, equal_time=equal_time))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from bdh.experiments import sweep
-    from bdh.experiments.sweep import parse_models, parse_sizes
+    from bdh.experiments.families import parse_models
+    from bdh.experiments.sweep import parse_sizes
 
     sizes, models = parse_sizes(args.sizes), parse_models(args.models)
-    cfg, _ = train_config_from_args(args)
-    gpt_fixed = parse_model_args(args.gpt_arg, "--gpt-arg")
-    return _experiment(lambda: sweep(cfg, args.experiment_dir, sizes, models, gpt_fixed, fit_on=args.fit_on,
-                                     overwrite=args.overwrite, command=_command_line(args)))
+    cfg, family_args, tune = experiment_inputs(args)
+    return _experiment(lambda: sweep(cfg, args.experiment_dir, sizes, models, fit_on=args.fit_on,
+                                     overwrite=args.overwrite, command=_command_line(args), family_args=family_args,
+                                     tune=tune))
 
 
 def add_merging_args(parser: argparse.ArgumentParser) -> None:
@@ -801,7 +880,7 @@ COMMANDS: dict[str, Command] = {
     "translate": Command(cmd_translate, add_translate_args, "translate text with a translation model"),
     "merge": Command(cmd_merge, add_merge_args, "merge two BDH models, neurons side by side"),
     "info": Command(cmd_info, add_info_args, "a checkpoint's config, parameter counts and training summary"),
-    "compare": Command(cmd_compare, add_compare_args, "train BDH and a GPT of its size alike; table and curves"),
+    "compare": Command(cmd_compare, add_compare_args, "BDH vs a GPT of its size, each at its best lr; curves"),
     "sweep": Command(cmd_sweep, add_sweep_args, "loss against parameters at several sizes, power-law fits"),
     "merging": Command(cmd_merging, add_merging_args, "the merging experiment, table and plot"),
     "inspect": Command(cmd_inspect, add_inspect_args, "sparsity, synapses, concepts, neuron graph: a report"),

@@ -5,6 +5,7 @@ from bdh.data.batches import (
     StreamBatches,
     TokenData,
     eval_batches,
+    hold_out,
     token_dtype,
     tokenize_corpus,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "cache_root",
     "encode_prompt",
     "eval_batches",
+    "hold_out",
     "load_corpus",
     "load_tokenizer",
     "make_tokenizer",

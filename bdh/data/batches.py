@@ -41,6 +41,24 @@ class TokenData:
     val_tagged: Any = None
 
 
+def hold_out(tokens: TokenData, fraction: float) -> TokenData:
+    """Keep the last `fraction` of the training tokens out of training and score on them instead.
+
+    Returns TokenData(train=train[:cut], val=train[cut:]): two adjacent, disjoint slices of the
+    training split, so a hyper-parameter search never looks at the real validation split, and
+    no training window (which lies wholly inside train[:cut]) overlaps a scored one.
+    """
+    if fraction == 0.0:
+        return tokens
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"holdout_fraction must lie in [0, 1), got {fraction!r}")
+    cut = len(tokens.train) - int(round(len(tokens.train) * fraction))
+    if not 0 < cut < len(tokens.train):
+        raise UserError(f"holdout_fraction {fraction} of {len(tokens.train)} training tokens leaves nothing on "
+                        "one side: change it or use more text")
+    return TokenData(train=tokens.train[:cut], val=tokens.train[cut:])
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id: uint16 up to 65,536 tokens."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)

@@ -26,7 +26,7 @@ import torch
 
 from bdh import registry
 from bdh.baselines import param_report
-from bdh.data import encode_prompt
+from bdh.data import encode_prompt, hold_out
 from bdh.errors import UserError
 from bdh.fileio import read_json, write_json
 from bdh.precision import resolve_device
@@ -34,7 +34,7 @@ from bdh.rundir import RunDir, read_trainer_state
 from bdh.train import checkpoint as ckpt_io
 from bdh.train.args import TrainConfig
 from bdh.train.distributed import DistEnv
-from bdh.train.evaluate import check_eval_length
+from bdh.train.evaluate import check_eval_length, standard_error
 from bdh.train.loop import (TrainingDiverged, TrainingInterrupted, build_model_config, check_model_fits, load_data,
                             make_batches, train)
 
@@ -80,8 +80,9 @@ class RunStatus:
 # --------------------------------------------------------------------------------------------
 # checks before anything is written
 
-def preflight_data(cfg: TrainConfig) -> int:
-    """Load the corpus, build the tokenizer and check both splits are long enough; the vocabulary size.
+def preflight_data(cfg: TrainConfig, holdout: float = 0.0) -> int:
+    """Load the corpus, build the tokenizer and check both splits are long enough (and, with
+    holdout > 0, the two parts of the training split a search uses); the vocabulary size.
 
     The tokenized corpus lands in the token cache, so the training runs find it there.
     """
@@ -90,6 +91,10 @@ def preflight_data(cfg: TrainConfig) -> int:
         encode_prompt(tokenizer, cfg.sample_prompt)
     check_eval_length(tokens.val, cfg.block_size)
     make_batches(cfg, tokens.train, DistEnv(), torch.device("cpu"))
+    if holdout:
+        held = hold_out(tokens, holdout)
+        check_eval_length(held.val, cfg.block_size, f"the held-out {holdout:g} of the training split")
+        make_batches(cfg, held.train, DistEnv(), torch.device("cpu"))
     return tokenizer.vocab_size
 
 
@@ -258,17 +263,43 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     if not curve:
         raise UserError(f"{rundir.metrics_file} holds no validation loss")
     final, best = curve[-1], min(curve, key=lambda p: p["val_loss"])
+    last = [r for r in records if "val_loss" in r][-1]
     model = dict(resolved["model"])
     cfg = resolved["train"]
+    tokens_per_s = throughput(records)
+    tokens_seen = int(state.get("tokens_seen", final["tokens"]))
     return {
         "model_type": model["model_type"], "model": model, **param_counts(model),
-        "steps": int(state.get("step", final["step"])), "tokens_seen": int(state.get("tokens_seen", final["tokens"])),
+        "steps": int(state.get("step", final["step"])), "tokens_seen": tokens_seen,
         "stopped": "max_iters" if state.get("step", final["step"]) >= cfg["max_iters"] else "max_minutes",
         "final_val_loss": final["val_loss"], "final_val_bpb": final["val_bpb"],
+        "final_val_se": last.get("val_loss_se"), "final_val_batches": last.get("val_batches"),
         "best_val_loss": best["val_loss"], "best_val_bpb": best["val_bpb"], "best_step": best["step"],
-        "tokens_per_s": throughput(records), "train_time_s": float(state.get("elapsed_s", final["elapsed_s"])),
+        "tokens_per_s": tokens_per_s, "train_time_s": float(state.get("elapsed_s", final["elapsed_s"])),
+        # seconds of training steps alone (validation and checkpoints left out)
+        "step_time_s": tokens_seen / tokens_per_s if tokens_per_s else None,
         "curve": curve,
     }
+
+
+def final_batch_losses(run_dir: Path) -> list[float] | None:
+    """Per-batch losses of a run's last evaluation (None if it did not record them)."""
+    records = [r for r in RunDir(run_dir).read_metrics() if "val_loss" in r]
+    return records[-1].get("val_batch_losses") if records else None
+
+
+def paired_difference(run_a: Path, run_b: Path) -> dict[str, Any] | None:
+    """Final loss of b minus a on the same validation batches: mean, standard error of the per-batch
+    differences, and the batch count; None unless both scored the same number of batches.
+
+    Both runs of an experiment are scored on the same windows, so the difference is far more
+    precise than either loss alone (what the batches share cancels).
+    """
+    a, b = final_batch_losses(run_a), final_batch_losses(run_b)
+    if not a or not b or len(a) != len(b):
+        return None
+    diff = [y - x for x, y in zip(a, b)]
+    return {"mean": sum(diff) / len(diff), "se": standard_error(diff), "batches": len(diff)}
 
 
 def param_counts(model: dict[str, Any]) -> dict[str, int]:
@@ -340,7 +371,8 @@ def provenance(data: dict[str, Any], default_command: str) -> list[str]:
     m = data["machine"]
     gpu = f", {m['cuda']}" if m.get("cuda") else ""
     return [f"Command: `{data['command'] or default_command}`  ",
-            f"Finished {data['finished']} on {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} "
+            f"Finished {data['finished']} on {m['platform']}, {m.get('cpu_model', m['processor'])}, {m['cpus']} CPUs, "
+            f"torch {m['torch']} "
             f"({m['torch_threads']} threads){gpu}."]
 
 
@@ -356,11 +388,31 @@ def describe_training(s: dict[str, Any]) -> str:
     return (f"data `{s['data']}` (validation share {s['val_fraction']:g}), tokenizer `{s['tokenizer']}`, {step}, "
             f"{budget}; AdamW lr {s['lr']:g} ({s['warmup_iters']} warm-up steps, {s['decay']} decay to "
             f"{s['min_lr']:g}), weight decay {s['weight_decay']:g}, gradient clip {s['grad_clip']:g}, seed "
-            f"{s['seed']}{stream}; validation every {s['eval_interval']} steps on {s['eval_iters']} batches.")
+            f"{s['seed']}{stream}; validation every {s['eval_interval']} steps on {s['eval_iters']} batches, "
+            f"the final one on {final_batches(s)}.")
+
+
+def final_batches(s: dict[str, Any]) -> str:
+    """How much of the validation split the final evaluation of a run (a TrainConfig dict) scores."""
+    n = s.get("final_eval_iters")
+    n = s["eval_iters"] if n is None else n
+    return "the whole validation split" if n == 0 else f"{n} batches"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows of it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 

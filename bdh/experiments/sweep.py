@@ -1,8 +1,11 @@
 """`bdh sweep`: the scaling experiment at CPU scale, validation loss against parameter count.
 
 BDH grows only its neuron count n (mlp_internal_dim_multiplier), as in the paper; at every BDH
-size the GPT is the GPT-2-shaped config with the same parameter count (within 5%). All runs
-share one TrainConfig (data, tokenizer, batches, optimizer, schedule, seed, budget per run).
+size the GPT is the GPT-2-shaped config with the same parameter count (within 5%), and any other
+family of --models is sized by bdh.experiments.families. All runs share one TrainConfig (data,
+tokenizer, batches, schedule shape, seed, budget per run) but their searched settings: every run
+gets its own learning rate from a short search on a slice held out from the training split
+(bdh.experiments.tuning; trials in DIR/tune/), and its final loss on the whole validation split.
 Each run lives in DIR/<model>-m<multiplier>/ (gpt-m8 is the GPT matched to bdh-m8); sweep.json
 is rewritten after every run, so the same command run again skips the finished runs and
 resumes an unfinished one. Power laws L = a N^-alpha are fitted per model by least squares in
@@ -20,14 +23,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bdh.errors import UserError
-from bdh.experiments import plots, runs
-from bdh.experiments.compare import gpt_train_config, model_shape
+from bdh.experiments import plots, runs, tuning
+from bdh.experiments.compare import merge_family_args, model_shape
+from bdh.experiments.families import DEFAULT_MODELS, REFERENCE, check_models, family_train_config
 from bdh.experiments.runs import RunFailed, RunPlan, fmt
+from bdh.experiments.tuning import TuneSpec
 from bdh.train.args import TrainConfig
 
 # the small preset's n = 512 ... 8192 neurons: 0.26 M to 3.2 M parameters (12x), 2x steps
 DEFAULT_SIZES = (4, 8, 16, 32, 64)
-MODELS = ("bdh", "gpt")
+MODELS = DEFAULT_MODELS
 FIT_ON = ("auto", "total", "non-embedding")
 MIN_SIZES = 4
 MIN_SPAN = 10.0
@@ -121,52 +126,44 @@ def check_sizes(sizes: Sequence[int]) -> list[int]:
     return sorted(sizes)
 
 
-def parse_models(text: str) -> list[str]:
-    models = [m for m in text.replace(" ", "").split(",") if m]
-    unknown = [m for m in models if m not in MODELS]
-    if not models or unknown:
-        raise UserError(f"--models expects a comma-separated subset of {', '.join(MODELS)}, got {text!r}")
-    return [m for m in MODELS if m in models]
-
-
 def plan_sweep(cfg: TrainConfig, out: Path, sizes: Sequence[int], models: Sequence[str] = MODELS,
-               gpt_fixed: dict[str, Any] | None = None) -> list[tuple[int, RunPlan]]:
+               gpt_fixed: dict[str, Any] | None = None, family_args: dict[str, dict[str, Any]] | None = None,
+               tune: TuneSpec | None = None) -> list[tuple[int, RunPlan]]:
     """(size, run) for every run, smallest first, after every check possible before training."""
     sizes = check_sizes(sizes)
-    gpt_fixed = dict(gpt_fixed or {})
-    if cfg.model_type != "bdh":
+    models = check_models(models)
+    family_args = merge_family_args(gpt_fixed, family_args)
+    tune = tune if tune is not None else TuneSpec()
+    gpt = family_args.get("gpt", {})
+    if cfg.model_type != REFERENCE:
         raise UserError("sweep trains the models named by --models: leave model_type out of the options")
     if SIZE_FIELD in cfg.model_overrides:
         raise UserError(f"sweep sets {SIZE_FIELD} from --sizes: do not override it")
-    if not models or any(m not in MODELS for m in models):
-        raise UserError(f"models must be a non-empty subset of {', '.join(MODELS)}, got {list(models)}")
-    if cfg.stream and "gpt" in models and (gpt_fixed.get("pos_encoding") != "alibi"
-                                           or not gpt_fixed.get("kv_cache_size")):
+    if cfg.stream and "gpt" in models and (gpt.get("pos_encoding") != "alibi" or not gpt.get("kv_cache_size")):
         raise UserError("stream mode needs a GPT with a carried, bounded cache: add --gpt-arg pos_encoding=alibi "
                         "--gpt-arg kv_cache_size=K (K > 0), or --models bdh")
     runs.check_experiment_dir(out)
     runs.check_plotting()
-    vocab_size = runs.preflight_data(cfg)
+    vocab_size = runs.preflight_data(cfg, tune.holdout if tune.active else 0.0)
     plans = []
     for size in sizes:
-        bdh_cfg = dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, SIZE_FIELD: size},
-                                      out=str(out / run_name("bdh", size)))
+        bdh_cfg = dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, SIZE_FIELD: size})
         bdh_model = runs.check_model(bdh_cfg, vocab_size)
-        if "bdh" in models:
-            plans.append((size, RunPlan(run_name("bdh", size), bdh_cfg, bdh_model)))
-        if "gpt" in models:
+        for family in models:
             try:
-                gpt_cfg = gpt_train_config(cfg, bdh_model, gpt_fixed, out / run_name("gpt", size))
+                family_cfg = family_train_config(bdh_cfg if family == REFERENCE else cfg, family, bdh_model,
+                                                 family_args.get(family, {}), out / run_name(family, size))
             except UserError as err:
                 raise UserError(f"size {size}: {err}") from None
-            plans.append((size, RunPlan(run_name("gpt", size), gpt_cfg, runs.check_model(gpt_cfg, vocab_size))))
+            model = bdh_model if family == REFERENCE else runs.check_model(family_cfg, vocab_size)
+            plans.append((size, RunPlan(run_name(family, size), family_cfg, model)))
     return plans
 
 
 def size_notes(plans: list[tuple[int, RunPlan]]) -> list[str]:
     """Warnings when the sizes fall short of the experiment's bar (4 sizes spanning 10x)."""
     notes = []
-    for model in MODELS:
+    for model in dict.fromkeys(p.cfg.model_type for _, p in plans):
         counts = [p.model.num_params() for _, p in plans if p.cfg.model_type == model]
         if not counts:
             continue
@@ -180,13 +177,18 @@ def size_notes(plans: list[tuple[int, RunPlan]]) -> list[str]:
 
 def sweep(cfg: TrainConfig, out: str | Path, sizes: Sequence[int] = DEFAULT_SIZES, models: Sequence[str] = MODELS,
           gpt_fixed: dict[str, Any] | None = None, fit_on: str = "auto", overwrite: bool = False,
-          command: str | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train every size (skipping finished runs, resuming an unfinished one), fit, write; sweep.json's content."""
+          command: str | None = None, say: Callable[[str], None] = print, *,
+          family_args: dict[str, dict[str, Any]] | None = None, tune: TuneSpec | None = None) -> dict[str, Any]:
+    """Search each run's settings, train every size (skipping finished runs, resuming an unfinished
+    one), fit, write; sweep.json's content. tune: the search (default TuneSpec(); TuneSpec.off())."""
     out = Path(out)
     if fit_on not in FIT_ON:
         raise UserError(f"fit_on must be one of {', '.join(FIT_ON)}, got {fit_on!r}")
-    plans = plan_sweep(cfg, out, sizes, models, gpt_fixed)
-    statuses = [runs.inspect_run(plan, overwrite) for _, plan in plans]
+    tune = tune if tune is not None else TuneSpec()
+    models = check_models(models)
+    plans = plan_sweep(cfg, out, sizes, models, gpt_fixed, family_args, tune)
+    # without a search every run's settings are known now: refuse a directory of other settings before training
+    statuses = [None if tune.active else runs.inspect_run(plan, overwrite) for _, plan in plans]
     notes = size_notes(plans)
     for note in notes:
         say(f"bdh sweep: note: {note}")
@@ -195,10 +197,20 @@ def sweep(cfg: TrainConfig, out: str | Path, sizes: Sequence[int] = DEFAULT_SIZE
         manifest.data = {"runs": {}}
     manifest.data.update(experiment="sweep", command=command, started=runs.now(), machine=runs.machine(),
                          settings={**cfg.to_dict(), "out": str(out)}, sizes=list(check_sizes(sizes)),
-                         models=list(models), gpt_fixed=dict(gpt_fixed or {}), notes=notes)
+                         models=list(models), family_args=merge_family_args(gpt_fixed, family_args),
+                         tune=tune.to_dict(), notes=notes)
+    manifest.data.setdefault("tuning", {})
+    tuned = []
     for i, ((size, plan), status) in enumerate(zip(plans, statuses), 1):
+        if tune.active:
+            chosen, record = tuning.search(plan.name, plan.cfg, tune, out, overwrite, say)
+            manifest.data["tuning"][plan.name] = record
+            manifest.save()
+            plan = RunPlan(plan.name, chosen, plan.model)
+            status = runs.inspect_run(plan, overwrite)
+        tuned.append((size, plan))
         train_one(manifest, size, plan, status, f"[{i}/{len(plans)}]", say)
-    return write_outputs(manifest, out, plans, fit_on, say)
+    return write_outputs(manifest, out, tuned, fit_on, say)
 
 
 def train_one(manifest: runs.Manifest, size: int, plan: RunPlan, status: runs.RunStatus, counter: str,
@@ -211,7 +223,7 @@ def train_one(manifest: runs.Manifest, size: int, plan: RunPlan, status: runs.Ru
     if status.kind != "finished" and earlier.get("status") == "diverged":
         say(f"{head}: skipped, it diverged before ({earlier.get('message')}); --overwrite retrains it")
         return
-    say(f"{head}: {describe(status)} -> {plan.run_dir}")
+    say(f"{head}, lr {plan.cfg.lr:g}: {describe(status)} -> {plan.run_dir}")
     try:
         report = runs.train_run(plan, status) if status.kind != "finished" else None
     except RunFailed as err:
@@ -219,11 +231,12 @@ def train_one(manifest: runs.Manifest, size: int, plan: RunPlan, status: runs.Ru
             raise
         say(f"{head}: diverged, left out of the fit: {err}")
         counts = runs.param_counts({"model_type": plan.cfg.model_type, **plan.model.to_dict()})
-        manifest.runs[plan.name] = {"status": "diverged", "message": str(err), "size": size,
+        manifest.runs[plan.name] = {"status": "diverged", "message": str(err), "size": size, "lr": plan.cfg.lr,
                                     "model_type": plan.cfg.model_type, "run_dir": plan.run_dir.name, **counts}
         manifest.save()
         return
-    runs.record_run(manifest, plan.name, plan.run_dir, report, size=size)
+    runs.record_run(manifest, plan.name, plan.run_dir, report, size=size, lr=plan.cfg.lr,
+                    warmup_iters=plan.cfg.warmup_iters, weight_decay=plan.cfg.weight_decay)
 
 
 def fit_axis(points: dict[str, list[dict[str, Any]]], fit_on: str) -> str:
@@ -239,7 +252,7 @@ def write_outputs(manifest: runs.Manifest, out: Path, plans: list[tuple[int, Run
     data = manifest.data
     done = {m: [data["runs"][p.name] for _, p in plans
                 if p.cfg.model_type == m and data["runs"].get(p.name, {}).get("status") == "done"]
-            for m in MODELS}
+            for m in dict.fromkeys(p.cfg.model_type for _, p in plans)}
     done = {m: rs for m, rs in done.items() if rs}
     axis = fit_axis(done, fit_on)
     key = "params" if axis == "total" else "params_without_embeddings"
@@ -267,6 +280,19 @@ def write_outputs(manifest: runs.Manifest, out: Path, plans: list[tuple[int, Run
     return data
 
 
+def search_sentence(data: dict[str, Any]) -> str:
+    t = data.get("tune") or {}
+    records = [r for r in (data.get("tuning") or {}).values() if r]
+    if not t.get("grid") or not records:
+        return "no search (the settings above for every run)."
+    time_s = sum(r["cost"]["time_s"] for r in records)
+    tokens = sum(r["cost"]["tokens"] for r in records)
+    return (f"grid {', '.join(f'{k} in {v}' for k, v in t['grid'].items())}, each trial the run scaled to "
+            f"{t['share']:g} of its budget, trained on the training split minus its last {t['holdout']:g} and scored "
+            f"on that share (never on the validation split); the search cost {time_s:,.0f} s and {tokens:,} tokens "
+            "in all (below).")
+
+
 def render(data: dict[str, Any], plans: list[tuple[int, RunPlan]]) -> str:
     """sweep.md: what was run, the table of runs, the fits, the figure."""
     s = data["settings"]
@@ -277,24 +303,26 @@ def render(data: dict[str, Any], plans: list[tuple[int, RunPlan]]) -> str:
         "",
         "BDH scales only its neuron count n (mlp_internal_dim_multiplier x n_embd); gpt-mK is the GPT-2-shaped "
         "model with the parameter count of bdh-mK (within 5%). Every run was trained alike: "
-        + runs.describe_training(s),
+        + runs.describe_training(s) + " The learning rate (and any other searched setting) is each run's own: "
+        + search_sentence(data),
         "",
-        "| run | model | parameters | without embeddings | tokens seen | final val loss | best val loss "
+        "| run | model | parameters | without embeddings | lr | tokens seen | final val loss ± SE | best val loss "
         "| final bits/byte | tokens/s | peak RSS (MiB) | wall time (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for _, plan in plans:
         r = data["runs"].get(plan.name) or {}
         if r.get("status") == "done":
             shape = model_shape(r).split(": ", 1)[1]
             lines.append(f"| {plan.name} | {shape} | {fmt(r['params'])} | {fmt(r['params_without_embeddings'])} "
-                         f"| {fmt(r['tokens_seen'])} | {fmt(r['final_val_loss'], '.4f')} "
+                         f"| {fmt(r.get('lr'), 'g')} | {fmt(r['tokens_seen'])} | {fmt(r['final_val_loss'], '.4f')}"
+                         f"{' ± ' + fmt(r.get('final_val_se'), '.4f') if r.get('final_val_se') else ''} "
                          f"| {fmt(r['best_val_loss'], '.4f')} | {fmt(r['final_val_bpb'], '.4f')} "
                          f"| {fmt(r['tokens_per_s'])} | {fmt(r.get('peak_rss_mib'))} | {fmt(r['train_time_s'], ',.1f')} |")
         else:
             state = r.get("status", "not trained")
             lines.append(f"| {plan.name} | {state} | {fmt(r.get('params'))} "
-                         f"| {fmt(r.get('params_without_embeddings'))} | | | | | | | |")
+                         f"| {fmt(r.get('params_without_embeddings'))} | {fmt(r.get('lr'), 'g')} | | | | | | | |")
     axis = "total parameters" if data["fit_on"] == "total" else "parameters without embeddings"
     lines += ["", "## Power-law fits: final validation loss L (nats/token) against N", "",
               f"Least squares of log L on log N, L = a N^-alpha. The figure uses N = {axis} "
@@ -308,6 +336,9 @@ def render(data: dict[str, Any], plans: list[tuple[int, RunPlan]]) -> str:
         lines.append("- no model has two finished runs yet")
     for note in data.get("notes") or []:
         lines.append(f"- note: {note}")
+    lines += ["", "## The search of each run's settings", ""]
+    for _, plan in plans:
+        lines.append(f"- {plan.name}: {tuning.describe((data.get('tuning') or {}).get(plan.name), plan.cfg.lr)}")
     lines += ["", f"![validation loss against parameters, log-log]({FIGURE})", "",
               f"Raw metrics: `<run>/metrics.jsonl`; all numbers above are in `{MANIFEST}`.", ""]
     return "\n".join(lines)

@@ -77,6 +77,10 @@ class TrainConfig:
     """steps between validations (0: only at the end)"""
     eval_iters: int = 20
     """validation batches per evaluation"""
+    final_eval_iters: int | None = None
+    """validation batches of the evaluation after the last step (default: eval_iters; 0: the whole split)"""
+    holdout_fraction: float = 0.0
+    """share of the training split, taken from its end, kept out of training and validated on instead of the validation split (for hyper-parameter searches; 0: off)"""
     log_interval: int = 10
     """steps between metrics lines"""
     ckpt_interval: int = 500
@@ -118,6 +122,10 @@ class TrainConfig:
             raise UserError(f"max_minutes must be positive, got {self.max_minutes!r}")
         if self.decay_iters is not None and self.decay_iters <= self.warmup_iters:
             raise UserError(f"decay_iters ({self.decay_iters}) must be larger than warmup_iters ({self.warmup_iters})")
+        if self.final_eval_iters is not None and self.final_eval_iters < 0:
+            raise UserError(f"final_eval_iters must be 0 (the whole split) or positive, got {self.final_eval_iters!r}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise UserError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must lie strictly between 0 and 1, got {self.val_fraction!r}")
         for name in ("beta1", "beta2"):
@@ -136,6 +144,12 @@ class TrainConfig:
     @property
     def out_dir(self) -> Path:
         return Path(self.out if self.out else f"runs/{self.preset}")
+
+    @property
+    def final_eval_batches(self) -> int | None:
+        """Batches of the last evaluation: None for all of them."""
+        n = self.eval_iters if self.final_eval_iters is None else self.final_eval_iters
+        return n or None
 
     @property
     def schedule_iters(self) -> int:

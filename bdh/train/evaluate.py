@@ -19,11 +19,15 @@ class EvalResult:
     bpb: float  # bits per byte of the text
     ppl: float  # per-token perplexity
     tokens: int  # target tokens scored
+    se: float | None = None  # standard error of loss over the batches (None with fewer than 2 batches)
+    batches: int = 0  # batches scored
+    batch_losses: list[float] | None = None  # mean loss of every batch, in window order
     #: translation: {direction: {"loss", "tokens"}}, the loss on that direction's target tokens only
     targets: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, float]:
-        out = {"loss": self.loss, "bpb": self.bpb, "ppl": self.ppl, "tokens": self.tokens}
+        out = {"loss": self.loss, "bpb": self.bpb, "ppl": self.ppl, "tokens": self.tokens, "se": self.se,
+               "batches": self.batches}
         if self.targets:
             out["targets"] = self.targets
         return out
@@ -35,6 +39,18 @@ class EvalResult:
             if t["loss"] is not None:
                 out[f"{prefix}target_loss[{name}]"] = t["loss"]
         return out
+
+
+def standard_error(values) -> float | None:
+    """Standard error of the mean of values (sample standard deviation / sqrt(n)); None below 2 values.
+
+    Over validation batches it treats the batches as independent draws; neighbouring windows of
+    one text are correlated, so it is a lower bound of the real uncertainty, not an exact one.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return None
+    return float(v.std(ddof=1) / math.sqrt(v.size))
 
 
 def tokens_per_byte(n_tokens: int, text: str) -> float:
@@ -57,25 +73,30 @@ def check_eval_length(tokens: np.ndarray, block_size: int, what: str = "the vali
 @torch.no_grad()
 def evaluate(model, tokens: np.ndarray, batch_size: int, block_size: int, max_batches: int | None,
              device, token_byte_ratio: float) -> EvalResult:
-    """Mean loss over the deterministic validation windows (all of them when max_batches is None)."""
+    """Mean loss over the deterministic validation windows (all of them when max_batches is None),
+    with its standard error over the batches (every batch holds the same number of tokens)."""
     check_eval_length(tokens, block_size)
     was_training = model.training
     model.eval()
+    per_batch: list[float] = []
     total, count = 0.0, 0
     try:
         for x, y in eval_batches(tokens, batch_size, block_size, max_batches, device=device):
             out = model(x, y, return_state=False)
-            total += float(out.loss) * y.numel()
+            per_batch.append(float(out.loss))
+            total += per_batch[-1] * y.numel()
             count += y.numel()
     finally:
         model.train(was_training)
-    return _result(total, count, token_byte_ratio)
+    return _result(total, count, token_byte_ratio, per_batch=per_batch)
 
 
-def _result(total: float, count: int, token_byte_ratio: float, targets=None) -> EvalResult:
+def _result(total: float, count: int, token_byte_ratio: float, targets=None, per_batch=None) -> EvalResult:
     loss = total / max(count, 1)
-    return EvalResult(targets=targets or {}, loss=loss, bpb=bits_per_byte(loss, token_byte_ratio), ppl=math.exp(min(loss, 700.0)),
-                      tokens=count)
+    per_batch = per_batch or []
+    return EvalResult(loss=loss, bpb=bits_per_byte(loss, token_byte_ratio), ppl=math.exp(min(loss, 700.0)),
+                      tokens=count, se=standard_error(per_batch), batches=len(per_batch), batch_losses=per_batch,
+                      targets=targets or {})
 
 
 @torch.no_grad()
@@ -96,6 +117,7 @@ def evaluate_tagged(model, tagged, batch_size: int, block_size: int, max_batches
     n_dir = len(tagged.directions)
     sums = torch.zeros(n_dir + 1, dtype=torch.float64)  # per direction, then all tokens
     counts = torch.zeros(n_dir + 1, dtype=torch.float64)
+    per_batch: list[float] = []
     try:
         if model.carries_state:
             batches = _lane_batches(tokens, roles, tagged.pair_starts, batch_size, block_size, max_batches, device)
@@ -112,6 +134,8 @@ def evaluate_tagged(model, tagged, batch_size: int, block_size: int, max_batches
             ry = ry.flatten().cpu()
             sums[-1] += losses[keep].double().sum()
             counts[-1] += keep.sum()
+            if keep.any():
+                per_batch.append(float(losses[keep].double().mean()))
             for k in range(n_dir):
                 mask = keep & (ry == k)
                 sums[k] += losses[mask].double().sum()
@@ -121,7 +145,7 @@ def evaluate_tagged(model, tagged, batch_size: int, block_size: int, max_batches
     # a direction with no target in the windows read has no loss (None), not a loss of 0
     targets = {name: {"loss": float(sums[k] / counts[k]) if counts[k] else None, "tokens": int(counts[k])}
                for k, name in enumerate(tagged.directions)}
-    return _result(float(sums[-1]), int(counts[-1]), token_byte_ratio, targets)
+    return _result(float(sums[-1]), int(counts[-1]), token_byte_ratio, targets, per_batch)
 
 
 def _lane_batches(tokens, roles, pair_starts, batch_size: int, block_size: int, max_batches: int | None, device):

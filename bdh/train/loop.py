@@ -28,7 +28,7 @@ from tqdm import tqdm
 from bdh import registry
 from bdh.checkpoint import read_model_config
 from bdh.data import RandomBatches, StreamBatches, encode_prompt, load_corpus, make_tokenizer, tokenize_corpus
-from bdh.data.batches import eval_batches
+from bdh.data.batches import eval_batches, hold_out
 from bdh.data.parallel import is_parallel_spec, load_parallel, tag, translation_corpus, translation_tokens
 from bdh.errors import UserError
 from bdh.fileio import load_tensors
@@ -153,7 +153,7 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
     check_model_fits(cfg, model_config, device)
     if cfg.sample_tokens and cfg.task == "lm":
         encode_prompt(tokenizer, cfg.sample_prompt)
-    check_eval_length(tokens.val, cfg.block_size)
+    tokens, token_byte_ratio = split_tokens(cfg, corpus, tokens)
     batches = make_batches(cfg, tokens.train, env, device)
 
     # the same initial weights on every process; then each its own dropout stream
@@ -171,7 +171,7 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
     names = param_names(model, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=model_config.compute_dtype == "float16")
     run = Run(cfg=cfg, env=env, device=device, rundir=rundir, corpus=corpus, tokenizer=tokenizer, tokens=tokens,
-              token_byte_ratio=tokens_per_byte(len(tokens.val), corpus.val), model=model, train_model=model,
+              token_byte_ratio=token_byte_ratio, model=model, train_model=model,
               optimizer=optimizer, param_names=names, batches=batches, scaler=scaler, resumed_from=resumed,
               overwrite=overwrite)
     if resumed is not None:
@@ -180,6 +180,21 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
     if cfg.compile:
         run.train_model = torch.compile(run.train_model)
     return run
+
+
+def split_tokens(cfg: TrainConfig, corpus, tokens):
+    """(tokens to train and validate on, tokens per byte of the validated text).
+
+    With cfg.holdout_fraction the end of the training split replaces the validation split
+    (bdh.data.hold_out); its tokens per byte are those of the whole training text.
+    """
+    if cfg.holdout_fraction:
+        ratio = tokens_per_byte(len(tokens.train), corpus.train)
+        tokens = hold_out(tokens, cfg.holdout_fraction)
+        check_eval_length(tokens.val, cfg.block_size, "the held-out end of the training split")
+        return tokens, ratio
+    check_eval_length(tokens.val, cfg.block_size)
+    return tokens, tokens_per_byte(len(tokens.val), corpus.val)
 
 
 def check_out_dir(rundir: RunDir, resumed, overwrite: bool) -> None:
@@ -473,10 +488,12 @@ class Trainer:
         bar.update(1)
         last = last and not self.stop_requested
         val = None
-        if (cfg.eval_interval and p.step % cfg.eval_interval == 0) or last:
+        if last:
+            val = self.validate(final=True)
+        elif cfg.eval_interval and p.step % cfg.eval_interval == 0:
             val = self.validate()
         if p.step % cfg.log_interval == 0 or val is not None or last:
-            self.log({"train_loss": loss, "lr": lr, "tokens_per_s": tok_s}, val)
+            self.log({"train_loss": loss, "lr": lr, "tokens_per_s": tok_s}, val, final=last)
             self.window = (time.monotonic(), p.tokens_seen)
         if cfg.ckpt_interval and p.step % cfg.ckpt_interval == 0:
             self.save()
@@ -485,17 +502,19 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed0 + time.monotonic() - self.t0
 
-    def validate(self) -> EvalResult | None:
-        """Validation loss on rank 0 (the others go on and wait at the next collective)."""
+    def validate(self, final: bool = False) -> EvalResult | None:
+        """Validation loss on rank 0 (the others go on and wait at the next collective); the
+        evaluation after the last step scores cfg.final_eval_iters batches."""
         run, p = self.run, self.run.progress
         if not self.main:
             return None
+        batches = self.cfg.final_eval_batches if final else self.cfg.eval_iters
         if run.tokens.val_tagged is not None:
             result = evaluate_tagged(run.model, run.tokens.val_tagged, self.cfg.batch_size, self.cfg.block_size,
-                                     self.cfg.eval_iters, run.device, run.token_byte_ratio)
+                                     batches, run.device, run.token_byte_ratio)
         else:
-            result = evaluate(run.model, run.tokens.val, self.cfg.batch_size, self.cfg.block_size,
-                              self.cfg.eval_iters, run.device, run.token_byte_ratio)
+            result = evaluate(run.model, run.tokens.val, self.cfg.batch_size, self.cfg.block_size, batches,
+                              run.device, run.token_byte_ratio)
         p.last_val = {"step": p.step, **result.to_dict()}
         if p.best_val_loss is None or result.loss < p.best_val_loss:
             p.best_val_loss, p.best_step = result.loss, p.step
@@ -504,13 +523,15 @@ class Trainer:
         self.say(f"step {p.step}: val loss {result.loss:.4f}, {result.bpb:.4f} bits/byte, ppl {result.ppl:.2f}{targets}")
         return result
 
-    def log(self, train: dict[str, float], val: EvalResult | None) -> None:
+    def log(self, train: dict[str, float], val: EvalResult | None, final: bool = False) -> None:
         if not self.main:
             return
         p = self.run.progress
         record = {"step": p.step, "tokens": p.tokens_seen, **train, "elapsed_s": round(self.elapsed(), 3)}
         if val is not None:
-            record.update(val.metrics("val_"))
+            record.update(val.metrics("val_"), val_loss_se=val.se, val_batches=val.batches)
+            if final:
+                record["val_batch_losses"] = val.batch_losses  # for paired comparisons of runs
             record.update(self.sparsity())
         self.run.rundir.append_metrics(record)
 
@@ -622,10 +643,11 @@ class Trainer:
         val = None
         if self.main:
             if p.last_val and p.last_val.get("step") == p.step:
-                val = EvalResult(**{k: p.last_val[k] for k in ("loss", "bpb", "ppl", "tokens", "targets") if k in p.last_val})
+                val = EvalResult(**{k: p.last_val[k] for k in ("loss", "bpb", "ppl", "tokens", "targets") if k in p.last_val},
+                                 se=p.last_val.get("se"), batches=p.last_val.get("batches", 0))
             else:
-                val = self.validate()
-                self.log({}, val)
+                val = self.validate(final=True)
+                self.log({}, val, final=True)
         path = self.save()
         sample = self.sample() if self.main and self.cfg.sample_tokens else None
         if self.main:

@@ -52,7 +52,7 @@ def test_bad_input_is_one_line_and_writes_nothing(command, extra, message, tmp_p
     (["--sizes", "4,4"], "sizes must be distinct"),
     (["--sizes", "0,4"], "sizes must be positive integers"),
     (["--sizes", "1,4"], "size 1: no GPT shape within 5%"),
-    (["--models", "gpt,rnn"], "--models expects a comma-separated subset of bdh, gpt"),
+    (["--models", "gpt,rnn"], "--models expects a comma-separated list of registered model families (bdh, gpt"),
     (["--model-arg", "mlp_internal_dim_multiplier=4"], "sweep sets mlp_internal_dim_multiplier from --sizes"),
     (["--fit-on", "both"], "invalid choice: 'both'"),
 ])

@@ -1,4 +1,4 @@
-"""`bdh compare`: both runs trained alike in child processes, the report, reuse and resume."""
+"""`bdh compare`: the search, both runs trained alike in child processes, the report, reuse and resume."""
 
 import json
 import math
@@ -21,7 +21,7 @@ def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BDH_CACHE", str(root / "cache"))
-        argv = ["compare", *tiny_flags(write_text(root / "text.txt"), root / "cmp")]
+        argv = ["compare", *tiny_flags(write_text(root / "text.txt"), root / "cmp"), "--tune", "lr=1e-3,3e-2"]
         assert main(argv) == 0
     return root, argv
 
@@ -36,14 +36,16 @@ def test_compare_writes_table_figures_and_metrics(compared):
     data = json.loads((out / "compare.json").read_text())
     bdh, gpt = data["runs"]["bdh"], data["runs"]["gpt"]
     assert bdh["model_type"] == "bdh" and gpt["model_type"] == "gpt"
-    assert abs(gpt["params"] / bdh["params"] - 1) <= 0.05 and data["parameter_difference"] == pytest.approx(
+    assert abs(gpt["params"] / bdh["params"] - 1) <= 0.05 and data["parameter_difference"]["gpt"] == pytest.approx(
         gpt["params"] / bdh["params"] - 1)
     assert gpt["model"]["block_size"] == 16 and gpt["model"]["vocab_size"] == bdh["model"]["vocab_size"] == 256
     for run in (bdh, gpt):
         assert 0 < run["params_without_embeddings"] < run["params"]
         assert run["steps"] == 4 and run["stopped"] == "max_iters"
         assert [p["step"] for p in run["curve"]] == [2, 4]
-        assert 0 < run["final_val_loss"] < 10 and run["best_val_loss"] <= run["final_val_loss"]
+        assert 0 < run["final_val_loss"] < 10
+        # the final loss is scored on the whole validation split, with its standard error
+        assert run["final_val_batches"] > 1 and 0 < run["final_val_se"] < 1
         # bytes tokenizer: bits per byte = nats per token / ln 2
         assert run["final_val_bpb"] == pytest.approx(run["final_val_loss"] / math.log(2))
         assert run["tokens_per_s"] > 0 and run["train_time_s"] > 0
@@ -52,9 +54,12 @@ def test_compare_writes_table_figures_and_metrics(compared):
     # same data, same budget: the same tokens seen
     assert bdh["tokens_seen"] == gpt["tokens_seen"] == 4 * 2 * 16
     assert data["settings"]["max_iters"] == 4 and data["command"].startswith("bdh compare --preset tiny")
+    assert data["settings"]["final_eval_iters"] == 0 and data["machine"]["cpu_model"]
     report = (out / "compare.md").read_text()
     assert "| parameters | 65,536 |" in report and "![validation loss against tokens seen]" in report
     assert "| tokens seen | 128 | 128 |" in report and "bdh/metrics.jsonl" in report
+    assert "## Settings: a search on a slice held out from the training split" in report
+    assert "GPT − BDH: " in report and "## Equal wall-clock" not in report
 
 
 def test_compare_run_dirs_work_with_eval(compared, capsys):
@@ -85,15 +90,15 @@ def test_compare_refuses_a_directory_with_other_settings(compared, monkeypatch, 
     monkeypatch.setenv("BDH_CACHE", str(root / "cache"))
     monkeypatch.setattr(runs, "run_in_child", Runs())
     before = (root / "cmp" / "compare.json").read_bytes()
-    assert main([*argv, "--lr", "0.002"]) == 2
+    assert main([*argv, "--weight-decay", "0.2"]) == 2
     line = one_line_error(capsys)
-    assert "holds a run with other settings (lr: 0.001 != 0.002)" in line and "--overwrite" in line
+    assert "holds a run with other settings (weight_decay: 0.1 != 0.2)" in line and "--overwrite" in line
     assert (root / "cmp" / "compare.json").read_bytes() == before
 
 
 def test_killed_compare_resumes_where_it_stopped(tmp_path, text_file, monkeypatch, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", *tiny_flags(text_file, out)]
+    argv = ["compare", *tiny_flags(text_file, out), "--no-tune"]
     first = Runs(stop_at=1)
     monkeypatch.setattr(runs, "run_in_child", first)
     assert main(argv) == 130
@@ -102,7 +107,7 @@ def test_killed_compare_resumes_where_it_stopped(tmp_path, text_file, monkeypatc
     again = Runs()
     monkeypatch.setattr(runs, "run_in_child", again)
     assert main(argv) == 0
-    assert "bdh (65,536 parameters): resuming at step 1" in capsys.readouterr().out
+    assert "bdh (65,536 parameters, lr 0.001, 4 steps): resuming at step 1" in capsys.readouterr().out
     assert again.names == ["bdh", "gpt"]
     assert again.specs[0]["resume"] == str(out / "bdh") and again.specs[1]["resume"] is None
     assert [r["step"] for r in metrics(out / "bdh")] == [1, 2, 3, 4]
@@ -129,5 +134,5 @@ def test_time_budget_is_for_the_whole_run(tmp_path, monkeypatch):
 
 def test_a_failed_run_is_one_error_line(tmp_path, text_file, monkeypatch, capsys):
     monkeypatch.setattr(runs, "run_in_child", lambda spec: {"status": "diverged", "message": "loss became nan"})
-    assert main(["compare", *tiny_flags(text_file, tmp_path / "cmp")]) == 1
+    assert main(["compare", *tiny_flags(text_file, tmp_path / "cmp"), "--no-tune"]) == 1
     assert "run bdh diverged: loss became nan" in one_line_error(capsys)

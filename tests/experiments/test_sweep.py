@@ -37,7 +37,7 @@ def test_sweep_trains_every_size_and_fits(tmp_path, text_file, monkeypatch, caps
     out = tmp_path / "sweep"
     calls = Runs()
     monkeypatch.setattr(runs, "run_in_child", calls)
-    assert main(["sweep", "--sizes", SIZES, *tiny_flags(text_file, out)]) == 0
+    assert main(["sweep", "--sizes", SIZES, *tiny_flags(text_file, out), "--no-tune"]) == 0
     printed = capsys.readouterr().out
     assert calls.names == ["bdh-m2", "gpt-m2", "bdh-m4", "gpt-m4", "bdh-m8", "gpt-m8", "bdh-m16", "gpt-m16"]
     # the tiny sizes span less than 10x: said, and the fit falls back to non-embedding parameters
@@ -67,7 +67,7 @@ def test_sweep_trains_every_size_and_fits(tmp_path, text_file, monkeypatch, caps
 
 def test_killed_sweep_trains_only_what_is_left(tmp_path, text_file, monkeypatch, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--sizes", SIZES, "--models", "bdh", *tiny_flags(text_file, out)]
+    argv = ["sweep", "--sizes", SIZES, "--models", "bdh", *tiny_flags(text_file, out), "--no-tune"]
     first = Runs(stop_at=3)
     monkeypatch.setattr(runs, "run_in_child", first)
     assert main(argv) == 130
@@ -82,8 +82,8 @@ def test_killed_sweep_trains_only_what_is_left(tmp_path, text_file, monkeypatch,
     printed = capsys.readouterr().out
     assert again.names == ["bdh-m8", "bdh-m16"]
     assert again.specs[0]["resume"] == str(out / "bdh-m8") and again.specs[1]["resume"] is None
-    assert "bdh-m2 (22,528 parameters): reusing the finished run (4 steps)" in printed
-    assert "bdh-m8 (40,960 parameters): resuming at step 1" in printed
+    assert "bdh-m2 (22,528 parameters), lr 0.001: reusing the finished run (4 steps)" in printed
+    assert "bdh-m8 (40,960 parameters), lr 0.001: resuming at step 1" in printed
     data = json.loads((out / "sweep.json").read_text())
     assert sorted(data["runs"]) == ["bdh-m16", "bdh-m2", "bdh-m4", "bdh-m8"]
     assert [r["step"] for r in metrics(out / "bdh-m8")] == [1, 2, 3, 4]
@@ -105,7 +105,7 @@ def test_diverged_run_is_recorded_and_left_out(tmp_path, text_file, monkeypatch,
         return calls(spec)
 
     monkeypatch.setattr(runs, "run_in_child", fake)
-    argv = ["sweep", "--sizes", "2,4,8", "--models", "bdh", *tiny_flags(text_file, out)]
+    argv = ["sweep", "--sizes", "2,4,8", "--models", "bdh", *tiny_flags(text_file, out), "--no-tune"]
     assert main(argv) == 0
     data = json.loads((out / "sweep.json").read_text())
     assert data["runs"]["bdh-m4"]["status"] == "diverged" and data["fits"]["bdh"]["total"]["points"] == 2
@@ -113,3 +113,22 @@ def test_diverged_run_is_recorded_and_left_out(tmp_path, text_file, monkeypatch,
     calls.specs.clear()
     assert main(argv) == 0
     assert calls.specs == [] and "skipped, it diverged before" in capsys.readouterr().out
+
+
+def test_sweep_searches_each_runs_learning_rate(tmp_path, text_file, monkeypatch):
+    out = tmp_path / "sweep"
+    calls = Runs()
+    monkeypatch.setattr(runs, "run_in_child", calls)
+    argv = ["sweep", "--sizes", "2,4", *tiny_flags(text_file, out), "--tune", "lr=1e-3,3e-2"]
+    assert main(argv) == 0
+    assert calls.names == ["bdh-m2-lr1e-03", "bdh-m2-lr3e-02", "bdh-m2", "gpt-m2-lr1e-03", "gpt-m2-lr3e-02", "gpt-m2",
+                           "bdh-m4-lr1e-03", "bdh-m4-lr3e-02", "bdh-m4", "gpt-m4-lr1e-03", "gpt-m4-lr3e-02", "gpt-m4"]
+    data = json.loads((out / "sweep.json").read_text())
+    for name in ("bdh-m2", "gpt-m2", "bdh-m4", "gpt-m4"):
+        record = data["tuning"][name]
+        best = min(record["trials"], key=lambda t: t["holdout_loss"])
+        assert record["chosen"] == best["point"] and data["runs"][name]["lr"] == best["point"]["lr"]
+        assert record["cost"]["tokens"] == sum(t["tokens_seen"] for t in record["trials"]) == 2 * 32
+    assert "## The search of each run's settings" in (out / "sweep.md").read_text()
+    calls.specs.clear()
+    assert main(argv) == 0 and calls.specs == []  # a second time: every trial and run is reused
