@@ -498,7 +498,10 @@ def add_inspect_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (or run directory with 'latest')")
     parser.add_argument("--text", required=True, help="UTF-8 text file to read")
-    parser.add_argument("--out", required=True, help="directory for report.json, report.html and figures")
+    parser.add_argument("--out", required=True, help="directory for report.json, report.html and figures "
+                        "(new or empty; built beside it and moved into place)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier report of bdh's in --out (never files bdh did not write)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"read at most this many tokens of the text (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--chunk-len", type=int, default=256,
@@ -545,7 +548,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             layers=args.layers, chunk_len=args.chunk_len, top_k=args.top_k, trace=args.trace,
             concepts=not args.no_concepts, candidates=args.candidates, normalize=args.normalize,
             graph=not args.no_graph, betas=args.betas, n_betas=args.n_betas, max_edges=args.max_edges,
-            seeds=args.seeds, save_entries=args.synapse_entries, max_synapses=args.max_synapses)
+            seeds=args.seeds, save_entries=args.synapse_entries, max_synapses=args.max_synapses,
+            overwrite=args.overwrite)
     print(f"wrote {out / 'report.html'} and {out / 'report.json'}")
     return 0
 

@@ -286,18 +286,24 @@ def claim_directory(path: str | Path, kind: str, adopt: bool = False) -> None:
     fsync_dir(path.parent)
 
 
-def write_output_file(path: str | Path, data: bytes, replace: bool = False, flag: str | None = None) -> None:
-    """Write one output file (JSON of bdh carrying "written_by": "bdh"); an existing file is
-    replaced only with `replace` and only when bdh wrote it."""
+def check_output_file(path: Path, replace: bool, flag: str | None) -> None:
+    """Refuse (UserError) an output file that bdh may not write: an existing file is replaced only
+    with `replace` and only when bdh wrote it (a JSON object with "written_by": "bdh")."""
     path = Path(path)
-    if path.exists() or path.is_symlink():
-        try:
-            ours = path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("written_by") == _WRITTEN_BY
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            ours = False
-        if not ours:
-            raise UserError(f"{path} exists and was not written by bdh: bdh does not replace it; choose another path")
-        if not replace:
-            how = f"pass {flag} to replace it" if flag else "remove it first"
-            raise UserError(f"{path} holds earlier bdh output: {how}, or choose another path")
-    atomic_write_bytes(path, data)
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        ours = path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("written_by") == _WRITTEN_BY
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        ours = False
+    if not ours:
+        raise UserError(f"{path} exists and was not written by bdh: bdh does not replace it; choose another path")
+    if not replace:
+        how = f"pass {flag} to replace it" if flag else "remove it first"
+        raise UserError(f"{path} holds earlier bdh output: {how}, or choose another path")
+
+
+def write_output_file(path: str | Path, data: bytes, replace: bool = False, flag: str | None = None) -> None:
+    """Write one output file (JSON carrying "written_by": "bdh") atomically, after check_output_file."""
+    check_output_file(Path(path), replace, flag)
+    atomic_write_bytes(Path(path), data)

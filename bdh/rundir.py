@@ -154,7 +154,7 @@ class RunDir:
             problem = f"{missing[0]} is missing" if missing else checkpoint_problem(candidate)
             if problem is None:
                 if first_problem is not None and latest is not None:
-                    _warn_once(f"bdh: warning: the newest checkpoint {latest} is unusable ({first_problem}); "
+                    _warn(f"bdh: warning: the newest checkpoint {latest} is unusable ({first_problem}); "
                                f"using step {_step_of(candidate)} instead: step {latest_step} was lost")
                 return candidate
             first_problem = first_problem or problem
@@ -199,7 +199,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 _VERIFIED: set[tuple] = set()  # checkpoints whose checksums passed, with the sizes and times of their files
-_WARNED: set[str] = set()
 
 
 def checkpoint_problem(directory: Path) -> str | None:
@@ -237,10 +236,8 @@ def _step_of(checkpoint: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _warn_once(line: str) -> None:
-    if line not in _WARNED:
-        _WARNED.add(line)
-        print(line, file=sys.stderr)
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _remove_if_ours(directory: Path) -> None:

@@ -26,7 +26,7 @@ import json
 import subprocess
 import sys
 
-from common import emit, matmul_peak_gflops, median
+from common import add_out_args, check_out, emit, matmul_peak_gflops, median
 
 WORKER = r"""
 import json, resource, sys, time, torch
@@ -94,8 +94,9 @@ def main(argv=None) -> int:
     p.add_argument("--impls", nargs="+", default=["naive", "auto"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the auto form")
-    p.add_argument("--out", default=None)
+    add_out_args(p)
     args = p.parse_args(argv)
+    check_out(args)
     from bdh import BDHConfig
 
     peak = matmul_peak_gflops()
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
             if args.compile:
                 runs["auto+compile"] = run_worker(preset, T, B, "auto", args.repeats, compile_=True)
             rows.append(_summarise(preset, T, B, cfg, runs, peak))
-    emit("train_step", {"matmul_peak_gflops": round(peak, 1), "results": rows}, args.out)
+    emit("train_step", {"matmul_peak_gflops": round(peak, 1), "results": rows}, args.out, args.overwrite)
     return 0
 
 

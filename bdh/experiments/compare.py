@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from bdh.baselines import GPTConfig, match_gpt_config
 from bdh.errors import UserError
+from bdh.fileio import atomic_write_bytes
 from bdh.experiments import plots, runs
 from bdh.experiments.runs import RunPlan, fmt
 from bdh.train.args import TrainConfig
@@ -39,7 +40,7 @@ def plan_compare(cfg: TrainConfig, out: Path, gpt_fixed: dict[str, Any] | None =
     gpt_fixed = dict(gpt_fixed or {})
     if cfg.model_type != "bdh":
         raise UserError("compare trains both models: leave model_type out of the options")
-    runs.check_experiment_dir(out)
+    runs.check_experiment_dir(out, MANIFEST)
     runs.check_plotting()
     if cfg.stream and (gpt_fixed.get("pos_encoding") != "alibi" or not gpt_fixed.get("kv_cache_size")):
         raise UserError("stream mode needs a GPT with a carried, bounded cache: add --gpt-arg pos_encoding=alibi "
@@ -58,6 +59,7 @@ def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None 
     out = Path(out)
     plans = plan_compare(cfg, out, gpt_fixed)
     statuses = [runs.inspect_run(plan, overwrite) for plan in plans]
+    runs.claim_experiment_dir(out)
     manifest = runs.Manifest(out / MANIFEST)
     if overwrite:
         manifest.data = {"runs": {}}
@@ -76,7 +78,7 @@ def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None 
     curves = {"bdh": bdh, "gpt": gpt}
     plots.plot_curves(curves, "tokens", out / FIG_TOKENS, title)
     plots.plot_curves(curves, "elapsed_s", out / FIG_TIME, title)
-    (out / REPORT).write_text(render(data), encoding="utf-8")
+    atomic_write_bytes(out / REPORT, render(data).encode("utf-8"))
     manifest.save()
     say(f"bdh compare: wrote {out / REPORT}, {out / MANIFEST}, {out / FIG_TOKENS} and {out / FIG_TIME}; "
         f"the runs are {out / 'bdh'} and {out / 'gpt'} (e.g. bdh eval --ckpt {out / 'bdh'})")

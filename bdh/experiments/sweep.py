@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bdh.errors import UserError
+from bdh.fileio import atomic_write_bytes
 from bdh.experiments import plots, runs
 from bdh.experiments.compare import gpt_train_config, model_shape
 from bdh.experiments.runs import RunFailed, RunPlan, fmt
@@ -144,7 +145,7 @@ def plan_sweep(cfg: TrainConfig, out: Path, sizes: Sequence[int], models: Sequen
                                            or not gpt_fixed.get("kv_cache_size")):
         raise UserError("stream mode needs a GPT with a carried, bounded cache: add --gpt-arg pos_encoding=alibi "
                         "--gpt-arg kv_cache_size=K (K > 0), or --models bdh")
-    runs.check_experiment_dir(out)
+    runs.check_experiment_dir(out, MANIFEST)
     runs.check_plotting()
     vocab_size = runs.preflight_data(cfg)
     plans = []
@@ -190,6 +191,7 @@ def sweep(cfg: TrainConfig, out: str | Path, sizes: Sequence[int] = DEFAULT_SIZE
     notes = size_notes(plans)
     for note in notes:
         say(f"bdh sweep: note: {note}")
+    runs.claim_experiment_dir(out)
     manifest = runs.Manifest(out / MANIFEST)
     if overwrite:
         manifest.data = {"runs": {}}
@@ -261,7 +263,7 @@ def write_outputs(manifest: runs.Manifest, out: Path, plans: list[tuple[int, Run
     title = f"Scaling: {s['preset']} preset, {budget} per run"
     points = {m: [(r[key], r["final_val_loss"]) for r in rs] for m, rs in done.items()}
     plots.plot_scaling(points, fits, out / FIGURE, xlabel, title)
-    (out / REPORT).write_text(render(data, plans), encoding="utf-8")
+    atomic_write_bytes(out / REPORT, render(data, plans).encode("utf-8"))
     manifest.save()
     say(f"bdh sweep: wrote {out / REPORT}, {out / MANIFEST} and {out / FIGURE}; runs in {out}/<model>-m<size>")
     return data

@@ -30,7 +30,7 @@ from bdh.checkpoint import read_model_config
 from bdh.data import RandomBatches, StreamBatches, encode_prompt, load_corpus, load_tokenizer, make_tokenizer, tokenize_corpus
 from bdh.data.batches import eval_batches
 from bdh.errors import UserError
-from bdh.fileio import load_tensors
+from bdh.fileio import OUTPUT_MARKER, claim_directory, load_tensors, read_marker
 from bdh.generate import generate
 from bdh.interp.sparsity import sparsity_probe
 from bdh.precision import resolve_device
@@ -184,7 +184,16 @@ def check_out_dir(rundir: RunDir, resumed, overwrite: bool) -> None:
     out_dir = rundir.path
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory")
-    if not rundir.holds_run() or overwrite:
+    ours = read_marker(out_dir) is not None
+    if not rundir.holds_run():
+        if not ours and out_dir.is_dir() and any(out_dir.iterdir()):
+            raise UserError(f"--out {out_dir} holds files bdh did not write: bdh does not write among them; "
+                            "choose another --out (an empty or new directory)")
+        return
+    if overwrite:
+        if not ours:
+            raise UserError(f"--out {out_dir} holds a run without bdh's marker ({OUTPUT_MARKER}): --overwrite "
+                            "replaces only what bdh marked as its own; choose another --out or remove it yourself")
         return
     if resumed is None:
         raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, --overwrite to start "
@@ -549,7 +558,7 @@ class Trainer:
         same_dir = resumed is not None and resumed.run.same_as(run.rundir)
         if run.overwrite and not same_dir:
             run.rundir.clear()
-        run.out_dir.mkdir(parents=True, exist_ok=True)
+        claim_directory(run.out_dir, kind="run", adopt=same_dir)  # a run of before the marker: resumed in place
         if resumed is not None:
             records = resumed.run.read_metrics()
             run.rundir.rewrite_metrics([r for r in records if r.get("step", 0) <= run.progress.step])
