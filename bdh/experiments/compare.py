@@ -40,7 +40,7 @@ def plan_compare(cfg: TrainConfig, out: Path, gpt_fixed: dict[str, Any] | None =
     gpt_fixed = dict(gpt_fixed or {})
     if cfg.model_type != "bdh":
         raise UserError("compare trains both models: leave model_type out of the options")
-    runs.check_experiment_dir(out, MANIFEST)
+    runs.check_experiment_dir(out, MANIFEST, cfg.data)
     runs.check_plotting()
     if cfg.stream and (gpt_fixed.get("pos_encoding") != "alibi" or not gpt_fixed.get("kv_cache_size")):
         raise UserError("stream mode needs a GPT with a carried, bounded cache: add --gpt-arg pos_encoding=alibi "

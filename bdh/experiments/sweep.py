@@ -145,7 +145,7 @@ def plan_sweep(cfg: TrainConfig, out: Path, sizes: Sequence[int], models: Sequen
                                            or not gpt_fixed.get("kv_cache_size")):
         raise UserError("stream mode needs a GPT with a carried, bounded cache: add --gpt-arg pos_encoding=alibi "
                         "--gpt-arg kv_cache_size=K (K > 0), or --models bdh")
-    runs.check_experiment_dir(out, MANIFEST)
+    runs.check_experiment_dir(out, MANIFEST, cfg.data)
     runs.check_plotting()
     vocab_size = runs.preflight_data(cfg)
     plans = []

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from bdh.checkpoint import load_model
+from bdh.data import read_text_file
 from bdh.errors import UserError
 from bdh.fileio import check_output_dir, output_directory
 from bdh.interp import figures as figs
@@ -314,12 +315,9 @@ def load_model_and_tokenizer(ckpt, device="auto"):
 def load_text(tokenizer, path, max_tokens: int) -> tuple[list[int], bool]:
     """Token ids of a text file, cut to max_tokens; (ids, whether it was cut)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        raise UserError(f"no such text file: {path}") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    if not path.exists():
+        raise UserError(f"no such text file: {path}")
+    text = read_text_file(path)  # refuses binary and non-UTF-8 files
     ids = list(tokenizer.encode(text))
     if not ids:
         raise UserError(f"{path} is empty: give a text to read")

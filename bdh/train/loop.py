@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from bdh import registry
 from bdh.checkpoint import read_model_config
-from bdh.data import RandomBatches, StreamBatches, encode_prompt, load_corpus, load_tokenizer, make_tokenizer, tokenize_corpus
+from bdh.data import RandomBatches, StreamBatches, check_outside_data, encode_prompt, load_corpus, load_tokenizer, make_tokenizer, tokenize_corpus
 from bdh.data.batches import eval_batches
 from bdh.errors import UserError
 from bdh.fileio import OUTPUT_MARKER, claim_directory, load_tensors, read_marker
@@ -141,6 +141,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = 
 def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
     resumed = ckpt_io.load_checkpoint(resume) if resume is not None else None
     rundir = RunDir(cfg.out_dir)
+    check_outside_data(cfg.data, cfg.out_dir)
     check_out_dir(rundir, resumed, overwrite)
     if resumed is not None:
         check_resumable(cfg, resumed, env)
