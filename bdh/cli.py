@@ -163,6 +163,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # bdh generate
 
+# more new tokens than anyone reads in one command (hours of decoding even for the small preset)
+MAX_NEW_TOKENS = 10_000_000
+
+
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint or run directory")
     parser.add_argument("--prompt", default="\n", help="text to continue; '-' reads it from stdin (default: a newline)")
@@ -188,8 +192,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from bdh.generate import generate
     from bdh.rundir import load_checkpoint_tokenizer, resolve_checkpoint
 
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max-new-tokens must lie in [0, {MAX_NEW_TOKENS:,}], got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:

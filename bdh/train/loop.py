@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -247,10 +248,28 @@ def check_model_fits(cfg: TrainConfig, config, device: torch.device) -> None:
                 "--model-arg kv_cache_size=256)" if cfg.model_type == "gpt" else "")
         raise UserError(f"stream mode needs a model whose state can be carried across batches; this "
                         f"{cfg.model_type} model's cannot{hint}")
+    params = config.num_params()
+    need, have = 16 * params, _memory_bytes(device)  # fp32 weights, gradients and AdamW's two moments
+    if have is not None and need > have:
+        raise UserError(f"the model has {params:,} parameters: its weights, gradients and optimizer state alone need "
+                        f"{need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {device.type} memory here; "
+                        "choose a smaller preset or smaller --model-arg sizes")
     limit = config.max_positions
     if limit is not None and cfg.block_size > limit:
         raise UserError(f"block_size {cfg.block_size} exceeds the {cfg.model_type} model's {limit} positions: "
                         "lower --block-size or raise the model's block_size")
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the device (physical memory for the CPU), or None where unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[1]
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        pass
+    return None
 
 
 def make_batches(cfg: TrainConfig, tokens, env, device):
