@@ -49,7 +49,7 @@ from bdh.interp.synapses import (
 )
 from bdh.interp.tokens import describe_token
 from bdh.precision import resolve_device
-from bdh.rundir import find_metrics, load_checkpoint_tokenizer
+from bdh.rundir import find_metrics, load_checkpoint_tokenizer, resolve_checkpoint
 
 SCHEMA = "bdh.inspect/1"
 SYNAPSE_DEFINITION = ("sigma_l[h][i, j] = sum over tokens tau of lambda_h^(t - tau) y_{tau, l-1}[h, i] x_{tau, l}[h, j]: "
@@ -285,6 +285,7 @@ def inspect(ckpt: str | Path, text_path: str | Path, out_dir: str | Path, max_to
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite, "--overwrite")  # before any work: a refused --out costs nothing
     concept, control, names = _sentences(concept_file, control_file)
+    ckpt = resolve_checkpoint(ckpt)  # once: a fallback from a damaged newest checkpoint is said once
     model, tokenizer = load_model_and_tokenizer(ckpt, device)
     ids, truncated = load_text(tokenizer, text_path, max_tokens)
     if metrics is None:

