@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from bdh.cli import main
-from bdh.fileio import OUTPUT_MARKER
 
 from tests.helpers import tiny_args, write_text
 
