@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bdh import registry
 from bdh.errors import UserError
-from bdh.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
+from bdh.fileio import load_tensors, output_directory, read_json, save_tensors, write_json
 from bdh.rundir import MODEL_CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint
 
 
@@ -20,9 +20,13 @@ def write_model(model, directory: Path) -> None:
     save_tensors(dict(model.state_dict()), directory / WEIGHTS_FILE, metadata={"format": "pt"})
 
 
-def save_model(model, directory: str | Path) -> None:
-    """Save a model as a directory, replacing any previous one atomically."""
-    with atomic_directory(Path(directory)) as tmp:
+def save_model(model, directory: str | Path, overwrite: bool = True) -> None:
+    """Save a model as a directory, built beside it and moved into place.
+
+    An earlier model that bdh saved there is replaced (unless overwrite=False); a directory holding
+    anything bdh did not write is refused with a UserError and left as it is.
+    """
+    with output_directory(Path(directory), kind="model", replace=overwrite, flag="overwrite=True") as tmp:
         write_model(model, tmp)
 
 

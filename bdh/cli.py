@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +38,14 @@ class CLIError(UserError):
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage and exiting, so main() prints one line."""
+    """argparse that raises instead of printing usage and exiting, so main() prints one line.
+
+    Abbreviated options are not accepted: a misspelled one (--max-iter) is an error, not a guess.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise CLIError(f"{message} (see: {self.prog} --help)")
@@ -162,6 +170,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # bdh generate
 
+# more new tokens than anyone reads in one command (hours of decoding even for the small preset)
+MAX_NEW_TOKENS = 10_000_000
+
+
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint or run directory")
     parser.add_argument("--prompt", default="\n", help="text to continue; '-' reads it from stdin (default: a newline)")
@@ -185,11 +197,11 @@ def add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> No
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
-    if args.temperature < 0:
-        raise UserError(f"--temperature must not be negative, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
 
 
@@ -201,10 +213,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from bdh.generate import generate
     from bdh.rundir import load_checkpoint_tokenizer, resolve_checkpoint
 
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max-new-tokens must lie in [0, {MAX_NEW_TOKENS:,}], got {args.max_new_tokens}")
     check_sampling_args(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin_prompt() if args.prompt == "-" else args.prompt
     device = resolve_device(args.device)
     directory = resolve_checkpoint(args.ckpt)
     model = load_model(directory, device=device)
@@ -228,6 +240,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.write("\n")
     out.flush()
     return 0
+
+
+def _read_stdin_prompt() -> str:
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"the prompt on stdin is not UTF-8 text (byte {err.start}): convert it to UTF-8") from None
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -695,7 +715,10 @@ def add_inspect_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (or run directory with 'latest')")
     parser.add_argument("--text", required=True, help="UTF-8 text file to read")
-    parser.add_argument("--out", required=True, help="directory for report.json, report.html and figures")
+    parser.add_argument("--out", required=True, help="directory for report.json, report.html and figures "
+                        "(new or empty; built beside it and moved into place)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier report of bdh's in --out (never files bdh did not write)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"read at most this many tokens of the text (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--chunk-len", type=int, default=256,
@@ -736,13 +759,17 @@ def add_inspect_args(parser: argparse.ArgumentParser) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bdh.interp.report import inspect, stderr_log
 
+    if args.betas is not None and not all(math.isfinite(b) and b > 0 for b in args.betas):
+        raise UserError(f"--betas must be positive finite numbers, got {args.betas}")
+
     out = Path(args.out)
     inspect(args.ckpt, args.text, out, max_tokens=args.max_tokens, device=args.device, metrics=args.metrics,
             concept_file=args.concept, control_file=args.control, log=None if args.quiet else stderr_log,
             layers=args.layers, chunk_len=args.chunk_len, top_k=args.top_k, trace=args.trace,
             concepts=not args.no_concepts, candidates=args.candidates, normalize=args.normalize,
             graph=not args.no_graph, betas=args.betas, n_betas=args.n_betas, max_edges=args.max_edges,
-            seeds=args.seeds, save_entries=args.synapse_entries, max_synapses=args.max_synapses)
+            seeds=args.seeds, save_entries=args.synapse_entries, max_synapses=args.max_synapses,
+            overwrite=args.overwrite)
     print(f"wrote {out / 'report.html'} and {out / 'report.json'}")
     return 0
 
@@ -850,6 +877,7 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
                         help="fractions of the G_x, G_y edges kept in the threshold sweep (default 1,.5,.2,.1,.05,.02)")
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
                         help="arithmetic of the graph form (default float64)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier `bdh graph` output in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -858,7 +886,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
     log = None if args.quiet else (lambda message: print(f"[graph] {message}", file=sys.stderr, flush=True))
     graph_report(args.ckpt, args.text, args.out, max_tokens=args.max_tokens,
-                 fractions=args.fractions or DEFAULT_FRACTIONS, dtype=args.dtype, log=log)
+                 fractions=args.fractions or DEFAULT_FRACTIONS, dtype=args.dtype, log=log, overwrite=args.overwrite)
     print(f"wrote {Path(args.out) / 'graph.json'}")
     return 0
 

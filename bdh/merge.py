@@ -21,9 +21,9 @@ import torch
 from bdh.checkpoint import load_model, write_model
 from bdh.config import BDHConfig
 from bdh.errors import UserError
-from bdh.fileio import atomic_directory
+from bdh.fileio import check_output_dir, output_directory
 from bdh.model import BDH
-from bdh.rundir import MODEL_CONFIG_FILE, load_checkpoint_tokenizer, resolve_checkpoint
+from bdh.rundir import load_checkpoint_tokenizer, resolve_checkpoint
 
 #: config fields the two models must share (what the merged model's shapes and maths depend on)
 MUST_AGREE = ("n_layer", "n_embd", "n_head", "vocab_size", "layout", "layernorm", "decay")
@@ -54,7 +54,7 @@ def merged_config(a: BDHConfig, b: BDHConfig) -> BDHConfig:
 def merge_models(a: BDH, b: BDH) -> BDH:
     """The merged model (see the module docstring), on A's device, in eval mode."""
     for model, name in ((a, "A"), (b, "B")):
-        if getattr(model, "model_type", None) != "bdh":
+        if model.model_type != "bdh":
             raise UserError(f"{name} is a {getattr(model, 'model_type', type(model).__name__)} model: only BDH "
                             "models merge by concatenating neurons")
     check_mergeable(a.config, b.config)
@@ -78,9 +78,7 @@ def merge_models(a: BDH, b: BDH) -> BDH:
 def merge_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, overwrite: bool = False) -> BDH:
     """Merge the checkpoints at path_a and path_b into a checkpoint directory `out` (config, weights, tokenizer)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        what = "a checkpoint" if (out / MODEL_CONFIG_FILE).is_file() else "files"
-        raise UserError(f"--out {out} already holds {what}: pass --overwrite or choose another directory")
+    check_output_dir(out, overwrite, "--overwrite")
     dirs = [resolve_checkpoint(p) for p in (path_a, path_b)]
     models = [load_model(d) for d in dirs]
     tokenizers = [load_checkpoint_tokenizer(d, m.config.vocab_size) for d, m in zip(dirs, models)]
@@ -89,11 +87,11 @@ def merge_checkpoints(path_a: str | Path, path_b: str | Path, out: str | Path, o
                         f"{tokenizers[0].vocab_size} vs {tokenizers[1].kind} {tokenizers[1].vocab_size}, or other "
                         "merges): merge models fine-tuned from one base")
     for model, d in zip(models, dirs):
-        if getattr(model, "model_type", None) != "bdh":
+        if model.model_type != "bdh":
             raise UserError(f"{d} holds a {model.model_type} model: only BDH models merge by concatenating neurons")
     check_mergeable(models[0].config, models[1].config, (str(dirs[0]), str(dirs[1])))
     merged = merge_models(*models)
-    with atomic_directory(out) as tmp:
+    with output_directory(out, kind="model", replace=overwrite, flag="--overwrite") as tmp:
         write_model(merged, tmp)
         tokenizers[0].save(tmp)
     return merged

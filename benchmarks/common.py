@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from bdh.errors import UserError
+from bdh.fileio import check_output_file, write_output_file
+
 
 def machine() -> dict:
     flags = _cpu_flags()
@@ -91,14 +94,35 @@ def peak_rss_of(code: str) -> int:
     return int(out.stdout.strip().splitlines()[-1]) * 1024
 
 
-def emit(name: str, result: dict, out: str | None) -> None:
-    """Print the result as JSON and, if asked, write it to a file."""
-    payload = {"benchmark": name, "machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
+def add_out_args(parser) -> None:
+    """--out and --overwrite, the same for every benchmark."""
+    parser.add_argument("--out", default=None, help="write the JSON result to this file (new, or with --overwrite "
+                        "an earlier result of bdh's; never a file bdh did not write)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier result of bdh's at --out")
+
+
+def check_out(args) -> None:
+    """Refuse an --out that may not be written before measuring anything: one line, exit status 2."""
+    if args.out:
+        _or_exit(lambda: check_output_file(Path(args.out), args.overwrite, "--overwrite"))
+
+
+def emit(name: str, result: dict, out: str | None, overwrite: bool = False) -> None:
+    """Print the result as JSON and, if asked, write it to a file (atomically; marked as bdh's)."""
+    payload = {"benchmark": name, "written_by": "bdh", "machine": machine(),
+               "time": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
     text = json.dumps(payload, indent=2)
     print(text)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+        _or_exit(lambda: write_output_file(Path(out), (text + "\n").encode(), overwrite, "--overwrite"))
+
+
+def _or_exit(action) -> None:
+    try:
+        action()
+    except UserError as err:
+        print(f"bdh: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def self_usage() -> int:

@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 
 import torch
-from common import emit, median, timed
+from common import add_out_args, check_out, emit, median, timed
 
 from bdh import BDH, BDHConfig
 
@@ -78,10 +78,11 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=30, help="decoded tokens timed per position")
     p.add_argument("--prefix-context", type=int, default=1000)
     p.add_argument("--prefix-repeats", type=int, default=3)
-    p.add_argument("--out", default=None)
+    add_out_args(p)
     args = p.parse_args(argv)
+    check_out(args)
     rows = [bench_preset(pr, args.positions, args.tokens, args.prefix_context, args.prefix_repeats) for pr in args.presets]
-    emit("generate", {"results": rows}, args.out)
+    emit("generate", {"results": rows}, args.out, args.overwrite)
     return 0
 
 

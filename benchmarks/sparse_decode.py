@@ -11,7 +11,7 @@ import argparse
 import sys
 
 import torch
-from common import emit, median, timed
+from common import add_out_args, check_out, emit, median, timed
 
 from bdh import BDH, BDHConfig, load_model
 
@@ -75,8 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", nargs="+", type=float, default=[1.0, 0.5, 0.1, 0.05, 0.02])
     p.add_argument("--ckpt", default=None, help="a trained checkpoint to measure on real text")
     p.add_argument("--tokens", type=int, default=25)
-    p.add_argument("--out", default=None)
+    add_out_args(p)
     args = p.parse_args(argv)
+    check_out(args)
     rows = []
     g = torch.Generator().manual_seed(0)
     for preset in args.presets:
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
         ids = torch.tensor([tok.encode(text)])
         tokens = [ids[:, i : i + 1] for i in range(40, min(ids.shape[1], 40 + args.tokens))]
         rows.append({"model": f"trained:{args.ckpt}", "keep": None, **measure(model, ids[:, :40], tokens)})
-    emit("sparse_decode", {"results": rows}, args.out)
+    emit("sparse_decode", {"results": rows}, args.out, args.overwrite)
     return 0
 
 

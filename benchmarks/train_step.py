@@ -11,10 +11,14 @@ same count is used for every form so that FLOP/s compare like with like:
     training = 3 x forward.
 That count flatters the chunked and fused forms, which do less attention work than that; for
 attn_impl="auto" (the fused layer, bdh/ops/layer.py, chunk C) the JSON also gives the FLOPs it
-executes, from the matmuls it runs (scores and weighted sums over full C x C blocks, two state
-passes forward, five backward, x recomputed twice and g once in backward):
-    forward  = 2 (L (3 n D + nh (C (N + D) + 2 N D)) + D V)
-    backward = 2 (L (9 n D + nh (2 C (N + D) + 5 N D)) + 2 D V)
+executes, from the matmuls it runs (scores and weighted sums over full C x C blocks; two state
+passes forward and five backward only when there are states, i.e. T > C; in backward g is
+recomputed once, and x twice unless T <= KEEP_X_UP_TO keeps it; backward's own products are
+dE, dy, dD_y, da, dD_x and dv):
+    forward  = 2 (L (3 n D + nh (C (N + D) + S 2 N D)) + D V)
+    backward = 2 (L ((7 + 2 R) n D + nh (2 C (N + D) + S 5 N D)) + 2 D V)
+with S = 1 when T > C else 0, R = 0 when T <= KEEP_X_UP_TO else 1. (Before, S = R = 1 always,
+which at T = 128 counted 1.024 of the machine's matmul peak.)
 
     python benchmarks/train_step.py --presets small paper-25m --seq 512 2048 --out benchmarks/results/train.json
 """
@@ -26,7 +30,7 @@ import json
 import subprocess
 import sys
 
-from common import emit, matmul_peak_gflops, median
+from common import add_out_args, check_out, emit, matmul_peak_gflops, median
 
 WORKER = r"""
 import json, resource, sys, time, torch
@@ -72,9 +76,14 @@ def fused_flops_per_token(cfg, T: int) -> float | None:
     C = min(cfg.chunk_size, T)
     if T % C:
         return None
+    from bdh.ops.chunked import uses_states
+    from bdh.ops.layer import KEEP_X_UP_TO
+
     n, D, L, nh, V, N = cfg.n_neurons, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.neurons_per_head
-    forward = L * (3 * n * D + nh * (C * (N + D) + 2 * N * D)) + D * V
-    backward = L * (9 * n * D + nh * (2 * C * (N + D) + 5 * N * D)) + 2 * D * V
+    states = uses_states(T, C, None, False)  # one chunk and no state asked for: no state passes at all
+    x_made = 1 if T <= KEEP_X_UP_TO else 3  # x kept for backward up to KEEP_X_UP_TO, else recomputed twice
+    forward = L * (3 * n * D + nh * (C * (N + D) + (2 * N * D if states else 0))) + D * V
+    backward = L * ((4 + x_made + 2) * n * D + nh * (2 * C * (N + D) + (5 * N * D if states else 0))) + 2 * D * V
     return 2 * (forward + backward)
 
 
@@ -94,8 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--impls", nargs="+", default=["naive", "auto"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the auto form")
-    p.add_argument("--out", default=None)
+    add_out_args(p)
     args = p.parse_args(argv)
+    check_out(args)
     from bdh import BDHConfig
 
     peak = matmul_peak_gflops()
@@ -108,7 +118,7 @@ def main(argv=None) -> int:
             if args.compile:
                 runs["auto+compile"] = run_worker(preset, T, B, "auto", args.repeats, compile_=True)
             rows.append(_summarise(preset, T, B, cfg, runs, peak))
-    emit("train_step", {"matmul_peak_gflops": round(peak, 1), "results": rows}, args.out)
+    emit("train_step", {"matmul_peak_gflops": round(peak, 1), "results": rows}, args.out, args.overwrite)
     return 0
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bdh import BDH, BDHConfig, UserError, load_model, save_model
+from bdh.fileio import OUTPUT_MARKER
 from bdh.rundir import MODEL_CONFIG_FILE as CONFIG_FILE, WEIGHTS_FILE
 
 
@@ -45,9 +46,54 @@ def test_truncated_weights_name_the_file(tmp_path):
 
 def test_mismatched_config_names_the_tensor(tmp_path):
     save_model(BDH(BDHConfig.from_name("tiny")), tmp_path / "m")
+    (tmp_path / "m" / OUTPUT_MARKER).unlink()  # a directory put together by hand: no manifest to check
     cfg = tmp_path / "m" / CONFIG_FILE
     cfg.write_text(cfg.read_text().replace('"n_embd": 32', '"n_embd": 64'))
     with pytest.raises(UserError, match="has shape"):
+        load_model(tmp_path / "m")
+
+
+def test_a_changed_file_fails_the_manifest(tmp_path):
+    save_model(BDH(BDHConfig.from_name("tiny")), tmp_path / "m")
+    cfg = tmp_path / "m" / CONFIG_FILE
+    cfg.write_text(cfg.read_text().replace('"n_embd": 32', '"n_embd": 33'))  # same size, other bytes
+    with pytest.raises(UserError, match="config.json is truncated or corrupt .sha256 mismatch"):
+        load_model(tmp_path / "m")
+
+
+def test_save_model_refuses_a_directory_with_a_foreign_file_and_leaves_it(tmp_path):
+    target = tmp_path / "somedir"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (tmp_path / "somedir.old").mkdir()
+    (tmp_path / "somedir.old" / "keep.txt").write_text("also mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match="holds files bdh did not write"):
+        save_model(BDH(BDHConfig.from_name("tiny")), target)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (target / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "somedir.old" / "keep.txt").read_text() == "also mine"
+
+
+def test_save_model_replaces_its_own_output_but_not_a_file_added_to_it(tmp_path):
+    target = tmp_path / "m"
+    save_model(BDH(BDHConfig.from_name("tiny")), target)
+    model = BDH(BDHConfig.from_name("tiny", n_layer=1))
+    save_model(model, target)  # bdh's own directory: replaced
+    assert load_model(target).config == model.config
+    with pytest.raises(UserError, match="pass overwrite=True"):
+        save_model(model, target, overwrite=False)
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="bdh did not write .e.g. notes.txt"):
+        save_model(model, target)
+    assert (target / "notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_no_fallback_to_an_old_sibling(tmp_path):
+    save_model(BDH(BDHConfig.from_name("tiny")), tmp_path / "m.old")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(UserError, match="no checkpoint at"):
         load_model(tmp_path / "m")
 
 

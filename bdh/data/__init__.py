@@ -10,7 +10,7 @@ from bdh.data.batches import (
     tokenize_corpus,
 )
 from bdh.data.cache import cache_root
-from bdh.data.corpus import Corpus, load_corpus, shakespeare_from_archive
+from bdh.data.corpus import Corpus, check_outside_data, load_corpus, read_text_file, shakespeare_from_archive
 from bdh.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,

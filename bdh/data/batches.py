@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bdh.data.cache import atomic_write_bytes, cache_root
+from bdh.data.cache import atomic_write_bytes, cache_problem, cache_root, discard_cache, publish_cache
 from bdh.data.corpus import Corpus
 from bdh.data.tokenizers import TextTokenizer
 from bdh.errors import UserError
@@ -66,19 +68,30 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def tokenize_corpus(corpus: Corpus, tokenizer: TextTokenizer,
                     cache_dir: Path | str | None = None) -> TokenData:
-    """Tokenize both splits once, cache them as .npy under <cache>/tokens/, and memory-map them.
+    """Tokenize both splits once, cache them as .npy under <cache>/tokens/<key>/, and memory-map them.
+
+    The directory carries a manifest (sizes, sha256s) checked on every use; a damaged one is rebuilt.
 
     The cache key hashes the corpus text and the tokenizer's fingerprint, so a changed corpus
     or tokenizer is tokenized afresh and an unchanged one is never tokenized twice.
     """
     folder = cache_root(cache_dir) / "tokens"
-    key = _cache_key(corpus, tokenizer)
-    paths = {split: folder / f"{key}.{split}.npy" for split in ("train", "val")}
-    for split, path in paths.items():
-        if not path.is_file():
-            ids = tokenizer.encode_array(getattr(corpus, split))
-            _save_npy(path, ids.astype(token_dtype(tokenizer.vocab_size)))
-    return TokenData(train=_load_npy(paths["train"]), val=_load_npy(paths["val"]))
+    directory = folder / _cache_key(corpus, tokenizer)
+    if directory.is_dir():
+        problem = cache_problem(directory)  # sizes always, sha256s when something changed since the last check
+        if problem is not None:
+            discard_cache(directory, problem)
+    if not directory.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{directory.name}.", suffix=".tmp"))
+        try:
+            for split in ("train", "val"):
+                ids = tokenizer.encode_array(getattr(corpus, split))
+                _save_npy(tmp / f"{split}.npy", ids.astype(token_dtype(tokenizer.vocab_size)))
+            publish_cache(tmp, directory, kind="tokens")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return TokenData(train=_load_npy(directory / "train.npy"), val=_load_npy(directory / "val.npy"))
 
 
 def _cache_key(corpus: Corpus, tokenizer: TextTokenizer) -> str:

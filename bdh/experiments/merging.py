@@ -20,7 +20,7 @@ from bdh.checkpoint import load_model
 from bdh.data.parallel import directions_of, load_parallel
 from bdh.errors import UserError
 from bdh.experiments import runs
-from bdh.fileio import read_json, write_json
+from bdh.fileio import atomic_write_bytes, read_json, write_json
 from bdh.merge import merge_checkpoints
 from bdh.precision import resolve_device
 from bdh.rundir import load_checkpoint_tokenizer, resolve_checkpoint
@@ -51,12 +51,13 @@ def plan_merging(cfg: TrainConfig, out: Path, tunes: list[str]) -> list[runs.Run
 def merging(cfg: TrainConfig, out: str | Path, tunes: list[str], pairs: int = 50, eval_batches: int | None = 20,
             overwrite: bool = False, command: str | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     out = Path(out)
-    runs.check_experiment_dir(out)
+    runs.check_experiment_dir(out, MANIFEST, cfg.data)
     runs.check_plotting()
     plans = plan_merging(cfg, out, tunes)
     datasets = [plans[0].cfg.data, *tunes]
     corpora = {spec: load_parallel(spec, val_fraction=cfg.val_fraction) for spec in datasets}
     runs.preflight_data(plans[0].cfg)
+    runs.claim_experiment_dir(out)
     manifest = runs.Manifest(out / MANIFEST)
     manifest.data.update(experiment="merging", command=command, started=runs.now(), machine=runs.machine(),
                          settings={**cfg.to_dict(), "out": str(out)}, tunes=tunes, pairs=pairs,
@@ -96,7 +97,7 @@ def merging(cfg: TrainConfig, out: str | Path, tunes: list[str], pairs: int = 50
     table = result_table(results, datasets, corpora)
     data["table"] = table
     plot_table(table, directions, out / FIGURE)
-    (out / REPORT).write_text(render(data, table, directions), encoding="utf-8")
+    atomic_write_bytes(out / REPORT, render(data, table, directions).encode("utf-8"))
     manifest.save()
     say(f"bdh merging: wrote {out / REPORT}, {out / MANIFEST} and {out / FIGURE}")
     return data

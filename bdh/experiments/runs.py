@@ -26,9 +26,9 @@ import torch
 
 from bdh import registry
 from bdh.baselines import param_report
-from bdh.data import encode_prompt, hold_out
+from bdh.data import check_outside_data, encode_prompt, hold_out
 from bdh.errors import UserError
-from bdh.fileio import read_json, write_json
+from bdh.fileio import claim_directory, read_json, read_marker, write_json
 from bdh.precision import resolve_device
 from bdh.rundir import RunDir, read_trainer_state
 from bdh.train import checkpoint as ckpt_io
@@ -112,9 +112,21 @@ def check_plotting() -> None:
         raise UserError("the figures need matplotlib: pip install 'bdh[analysis]'") from None
 
 
-def check_experiment_dir(directory: Path) -> None:
+def check_experiment_dir(directory: Path, manifest: str, data: str) -> None:
+    """--out must be new, empty, or an experiment bdh wrote (its marker, or its `manifest` file from
+    before markers existed), and outside the text data: files bdh did not write are never written among."""
     if directory.exists() and not directory.is_dir():
         raise UserError(f"--out {directory} exists and is not a directory")
+    check_outside_data(data, directory)
+    if (directory.is_dir() and any(directory.iterdir()) and read_marker(directory) is None
+            and not (directory / manifest).is_file()):
+        raise UserError(f"--out {directory} holds files bdh did not write: choose another --out "
+                        "(an empty or new directory, or an earlier experiment's)")
+
+
+def claim_experiment_dir(directory: Path) -> None:
+    """Mark --out as bdh's (after check_experiment_dir passed)."""
+    claim_directory(directory, kind="experiment", adopt=True)
 
 
 def inspect_run(plan: RunPlan, overwrite: bool) -> RunStatus:

@@ -26,6 +26,7 @@ from bdh.errors import UserError
 from bdh.experiments import plots, runs, tuning
 from bdh.experiments.compare import merge_family_args, model_shape
 from bdh.experiments.families import DEFAULT_MODELS, REFERENCE, check_models, family_train_config
+from bdh.fileio import atomic_write_bytes
 from bdh.experiments.runs import RunFailed, RunPlan, fmt
 from bdh.experiments.tuning import TuneSpec
 from bdh.train.args import TrainConfig
@@ -142,7 +143,7 @@ def plan_sweep(cfg: TrainConfig, out: Path, sizes: Sequence[int], models: Sequen
     if cfg.stream and "gpt" in models and (gpt.get("pos_encoding") != "alibi" or not gpt.get("kv_cache_size")):
         raise UserError("stream mode needs a GPT with a carried, bounded cache: add --gpt-arg pos_encoding=alibi "
                         "--gpt-arg kv_cache_size=K (K > 0), or --models bdh")
-    runs.check_experiment_dir(out)
+    runs.check_experiment_dir(out, MANIFEST, cfg.data)
     runs.check_plotting()
     vocab_size = runs.preflight_data(cfg, tune.holdout if tune.active else 0.0)
     plans = []
@@ -192,6 +193,7 @@ def sweep(cfg: TrainConfig, out: str | Path, sizes: Sequence[int] = DEFAULT_SIZE
     notes = size_notes(plans)
     for note in notes:
         say(f"bdh sweep: note: {note}")
+    runs.claim_experiment_dir(out)
     manifest = runs.Manifest(out / MANIFEST)
     if overwrite:
         manifest.data = {"runs": {}}
@@ -274,7 +276,7 @@ def write_outputs(manifest: runs.Manifest, out: Path, plans: list[tuple[int, Run
     title = f"Scaling: {s['preset']} preset, {budget} per run"
     points = {m: [(r[key], r["final_val_loss"]) for r in rs] for m, rs in done.items()}
     plots.plot_scaling(points, fits, out / FIGURE, xlabel, title)
-    (out / REPORT).write_text(render(data, plans), encoding="utf-8")
+    atomic_write_bytes(out / REPORT, render(data, plans).encode("utf-8"))
     manifest.save()
     say(f"bdh sweep: wrote {out / REPORT}, {out / MANIFEST} and {out / FIGURE}; runs in {out}/<model>-m<size>")
     return data

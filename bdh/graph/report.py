@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bdh.errors import UserError
-from bdh.fileio import write_json
+from bdh.fileio import check_output_dir, output_directory, write_json
 from bdh.graph.measure import build
 from bdh.interp.report import load_model_and_tokenizer, load_text
 
@@ -24,7 +24,10 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def graph_report(ckpts: Sequence[str | Path], text_path: str | Path, out_dir: str | Path, max_tokens: int = 256,
-                 fractions: Sequence[float] = DEFAULT_FRACTIONS, dtype: str = "float64", log=None) -> dict:
+                 fractions: Sequence[float] = DEFAULT_FRACTIONS, dtype: str = "float64", log=None,
+                 overwrite: bool = False) -> dict:
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite, "--overwrite")  # before any work: files bdh did not write are refused
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     bad = [f for f in fractions if not 0.0 < f <= 1.0]
@@ -33,7 +36,7 @@ def graph_report(ckpts: Sequence[str | Path], text_path: str | Path, out_dir: st
     runs, meta = [], None
     for ckpt in ckpts:
         model, tokenizer = load_model_and_tokenizer(ckpt, "cpu")
-        if getattr(model.config, "variant", "gpu") != "gpu":
+        if model.config.variant != "gpu":
             raise UserError(f"{ckpt}: the graph form covers BDH-GPU (variant 'gpu') only")
         ids, truncated = load_text(tokenizer, text_path, max_tokens)
         if len(ids) < 2:
@@ -44,11 +47,11 @@ def graph_report(ckpts: Sequence[str | Path], text_path: str | Path, out_dir: st
         run["checkpoint"] = str(ckpt)
         runs.append(run)
         meta = meta or {"n_tokens": len(ids), "truncated": truncated}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     report = {"schema": SCHEMA, "text": str(text_path), **meta, "runs": runs}
-    report["figures"] = write_figures(runs, out_dir)
-    write_json(out_dir / "graph.json", _finite(report))
+    # built in a temporary sibling, moved into place whole (bdh.fileio.output_directory)
+    with output_directory(out_dir, kind="graph", replace=overwrite, flag="--overwrite") as tmp:
+        report["figures"] = write_figures(runs, tmp)
+        write_json(tmp / "graph.json", _finite(report))
     return report
 
 

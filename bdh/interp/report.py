@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 from bdh.checkpoint import load_model
+from bdh.data import read_text_file
 from bdh.errors import UserError
+from bdh.fileio import check_output_dir, output_directory
 from bdh.interp import figures as figs
 from bdh.interp.capture import run_accumulators, unwrap
 from bdh.interp.concepts import concept_synapses, contrast_set, evaluate_synapses, read_sentences
@@ -47,7 +49,7 @@ from bdh.interp.synapses import (
 )
 from bdh.interp.tokens import describe_token
 from bdh.precision import resolve_device
-from bdh.rundir import find_metrics, load_checkpoint_tokenizer
+from bdh.rundir import find_metrics, load_checkpoint_tokenizer, resolve_checkpoint
 
 SCHEMA = "bdh.inspect/1"
 SYNAPSE_DEFINITION = ("sigma_l[h][i, j] = sum over tokens tau of lambda_h^(t - tau) y_{tau, l-1}[h, i] x_{tau, l}[h, j]: "
@@ -266,8 +268,12 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
 
 def inspect(ckpt: str | Path, text_path: str | Path, out_dir: str | Path, max_tokens: int = 8192,
             device: str = "auto", metrics: str | Path | None = None, concept_file: str | Path | None = None,
-            control_file: str | Path | None = None, log: Callable[[str], None] | None = None, **options) -> dict:
+            control_file: str | Path | None = None, log: Callable[[str], None] | None = None, overwrite: bool = False,
+            **options) -> dict:
     """`bdh inspect`: load a checkpoint and its tokenizer, read a text, build and write the report.
+
+    out_dir must be new, empty, or (with overwrite) an earlier report of bdh's; it is built beside
+    and moved into place, so files bdh did not write are never replaced.
 
     metrics: the run's metrics.jsonl (default: found beside the checkpoint); concept_file and
     control_file: own contrast sets, one sentence per line (default: the shipped money/weather
@@ -276,22 +282,25 @@ def inspect(ckpt: str | Path, text_path: str | Path, out_dir: str | Path, max_to
     for name in ("chunk_len", "top_k", "candidates", "n_betas", "max_edges", "seeds", "max_synapses"):
         if name in options and options[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite, "--overwrite")  # before any work: a refused --out costs nothing
     concept, control, names = _sentences(concept_file, control_file)
+    ckpt = resolve_checkpoint(ckpt)  # once: a fallback from a damaged newest checkpoint is said once
     model, tokenizer = load_model_and_tokenizer(ckpt, device)
     ids, truncated = load_text(tokenizer, text_path, max_tokens)
     if metrics is None:
         metrics = find_metrics(ckpt)
     elif not Path(metrics).is_file():
         raise UserError(f"no such metrics file: {metrics}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if log:
         log(f"{len(ids):,} tokens{' (truncated)' if truncated else ''}, n = {model.config.n_neurons:,} neurons")
-    report = build_report(model, tokenizer, ids, text_path=str(text_path), truncated=truncated, concept=concept,
-                          control=control, contrast_names=names or DEFAULT_CONTRAST, metrics=metrics,
-                          out_dir=out_dir, log=log, **options)
-    report["model"]["checkpoint"] = str(ckpt)
-    write_report(report, out_dir)
+    # built in a temporary sibling, moved into place whole (bdh.fileio.output_directory)
+    with output_directory(out_dir, kind="inspect", replace=overwrite, flag="--overwrite") as tmp:
+        report = build_report(model, tokenizer, ids, text_path=str(text_path), truncated=truncated, concept=concept,
+                              control=control, contrast_names=names or DEFAULT_CONTRAST, metrics=metrics,
+                              out_dir=tmp, log=log, **options)
+        report["model"]["checkpoint"] = str(ckpt)
+        write_report(report, tmp)
     return report
 
 
@@ -307,12 +316,9 @@ def load_model_and_tokenizer(ckpt, device="auto"):
 def load_text(tokenizer, path, max_tokens: int) -> tuple[list[int], bool]:
     """Token ids of a text file, cut to max_tokens; (ids, whether it was cut)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        raise UserError(f"no such text file: {path}") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    if not path.exists():
+        raise UserError(f"no such text file: {path}")
+    text = read_text_file(path)  # refuses binary and non-UTF-8 files
     ids = list(tokenizer.encode(text))
     if not ids:
         raise UserError(f"{path} is empty: give a text to read")

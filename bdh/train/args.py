@@ -264,7 +264,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if values is None:
-        return {}
+        raise UserError(f"config file {path} is empty: give a mapping of field names to values, or leave --config out")
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of field names to values")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}

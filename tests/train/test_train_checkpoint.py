@@ -10,7 +10,7 @@ from bdh.checkpoint import load_model
 from bdh.cli import main
 from bdh.data import RandomBatches
 from bdh.errors import UserError
-from bdh.rundir import RunDir
+from bdh.rundir import RunDir, checkpoint_problem
 from bdh.train import checkpoint as ckpt_io
 from bdh.train.optim import make_optimizer
 
@@ -127,3 +127,28 @@ def test_mismatched_model_config_is_refused(tmp_path, text_file, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--max-iters", "4", "--model-arg", "n_layer=3"]) == 2
     one_line_error(capsys, "config.json", "n_layer")
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, text_file, capsys):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert main(tiny_args(text_file, straight, "--ckpt-interval", "2", steps=6)) == 0
+    assert main(tiny_args(text_file, run, "--ckpt-interval", "2", steps=4)) == 0
+    assert RunDir(run).checkpoint_steps() == [2, 4]  # --keep-checkpoints 2
+    weights = run / "checkpoints" / "step-0000004" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # same size, other bytes: only the checksum sees it
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    for argv in (["generate", "--ckpt", str(run), "--max-new-tokens", "2", "--seed", "0"],
+                 ["eval", "--ckpt", str(run), "--max-batches", "1", "--block-size", "16"]):
+        assert main(argv) == 0, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("bdh: warning:"), err
+        assert "step-0000004" in err[0] and "using step 2" in err[0] and "step 4 was lost" in err[0]
+    assert main(["train", "--resume", str(run), "--max-iters", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "using step 2 instead: step 4 was lost" in err
+    from tests.helpers import losses
+    assert losses(run) == losses(straight)  # steps 3 and 4 trained again, exactly as before
+    for step in RunDir(run).checkpoint_steps():
+        assert checkpoint_problem(RunDir(run).step_dir(step)) is None
