@@ -124,7 +124,13 @@ def test_checkpoints_merge_and_load(tmp_path, capsys):
     assert torch.allclose(loaded(tokens).logits, merge_models(a, b)(tokens).logits, atol=1e-6)
     capsys.readouterr()
     assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 2
-    one_line_error(capsys, "already holds")
+    one_line_error(capsys, "--overwrite")
+    foreign = tmp_path / "m3"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(foreign), "--overwrite"]) == 2
+    one_line_error(capsys, "did not write")
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     save_model(tiny(16, n_embd=64), tmp_path / "c")
     assert main(["merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "m2")]) == 2
     one_line_error(capsys, "n_embd: 32 != 64")

