@@ -55,7 +55,7 @@ def merge_models(a: BDH, b: BDH) -> BDH:
     """The merged model (see the module docstring), on A's device, in eval mode."""
     for model, name in ((a, "A"), (b, "B")):
         if model.model_type != "bdh":
-            raise UserError(f"{name} is a {getattr(model, 'model_type', type(model).__name__)} model: only BDH "
+            raise UserError(f"{name} is a {model.model_type} model: only BDH "
                             "models merge by concatenating neurons")
     check_mergeable(a.config, b.config)
     config = merged_config(a.config, b.config)

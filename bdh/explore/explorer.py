@@ -39,7 +39,7 @@ class Explorer:
     """A loaded model, its tokenizer and its neuron graph factors, answering the page's questions."""
 
     def __init__(self, model, tokenizer, name: str = "model", max_synapses: int = MAX_SYNAPSE_ENTRIES):
-        if not {"x", "y"} <= set(getattr(model, "activation_sites", ())):
+        if not {"x", "y"} <= set(model.activation_sites):
             raise UserError(f"{name}: explore shows neurons and synapses, which a {model.model_type} model does not "
                             "have; give a BDH checkpoint")
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
@@ -65,7 +65,7 @@ class Explorer:
         return {"name": self.name, "model_type": self.model.model_type, "n_layer": self.n_layer,
                 "n_head": self.n_head, "neurons_per_head": self.N, "n_neurons": self.n_head * self.N,
                 "n_embd": c.n_embd, "vocab_size": c.vocab_size, "params": self.model.num_params(),
-                "tokenizer": getattr(self.tokenizer, "kind", type(self.tokenizer).__name__),
+                "tokenizer": self.tokenizer.kind,
                 "synapse_layers": list(range(1, self.n_layer)), "contrast_sets": contrast_sets(),
                 "default_contrast": list(DEFAULT_CONTRAST)}
 

@@ -224,7 +224,7 @@ def from_model(model: BDH, dtype: torch.dtype = torch.float64, rotation: bool = 
     """
     if not isinstance(model, BDH):
         raise UserError(f"the graph form is built from a BDH model, got {type(model).__name__}")
-    if getattr(model.config, "variant", "gpu") != "gpu":
+    if model.config.variant != "gpu":
         raise UserError(f"the graph form covers BDH-GPU only (variant 'gpu'), not {model.config.variant!r}")
     c = model.config
     nh, N, D = c.n_head, c.neurons_per_head, c.n_embd

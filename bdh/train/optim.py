@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from bdh.protocol import ModelBase
+
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
                    device_type: str = "cpu") -> torch.optim.AdamW:
@@ -17,7 +19,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9,
     those of weight distributions) gets no decay at all.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    if getattr(model, "no_weight_decay", False):
+    if isinstance(model, ModelBase) and model.no_weight_decay:
         weight_decay = 0.0
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
