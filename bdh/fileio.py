@@ -25,21 +25,28 @@ from safetensors.torch import load_file, save_file
 from bdh.errors import UserError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside path, fsync, then rename over path: readers see the old
-    file or the whole new one, never a part."""
+@contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """A temporary file beside path to fill; then it is fsynced and renamed over path, and the
+    directory fsynced: readers see the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace path's content with data, atomically and durably (see _replacing)."""
+    with _replacing(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def sha256_file(path: Path) -> str:
@@ -88,18 +95,8 @@ def rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _replacing(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def load_tensors(path: Path, device=None) -> dict[str, torch.Tensor]:
