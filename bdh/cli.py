@@ -853,7 +853,9 @@ def add_explore_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
-    from bdh.explore import serve
+    from bdh.explore import require_web, serve
+
+    require_web()  # one line, not an ImportError, without the explore extra
     from bdh.explore.server import Limits
 
     if not 0 <= args.port <= 65535:

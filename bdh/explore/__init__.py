@@ -24,7 +24,7 @@ from bdh.errors import UserError
 MAX_MODELS = 2
 
 
-def _need_web():
+def require_web():
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -67,7 +67,7 @@ def load_explorers(paths: Sequence[str | Path], device) -> list:
 def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8765, open_browser: bool = True,
           device="cpu", limits=None, log=print) -> None:
     """Load the checkpoints, listen on host:port and serve until Ctrl-C."""
-    _need_web()
+    require_web()
     import uvicorn
 
     from bdh.explore.server import Limits, create_app
