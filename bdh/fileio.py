@@ -189,9 +189,10 @@ def check_files(directory: Path, checksums: bool = True) -> str | None:
     return None
 
 
-def foreign_files(directory: Path) -> list[str]:
-    """Files in a bdh output directory that its manifest does not list: someone else put them there."""
-    marker = read_marker(directory) or {}
+def foreign_files(directory: Path, marker: dict[str, Any] | None = None) -> list[str]:
+    """Files in a bdh output directory that its manifest does not list: someone else put them there.
+    marker: the directory's marker when the caller has read it already."""
+    marker = marker if marker is not None else read_marker(directory) or {}
     listed = set(marker.get("files") or {}) | {OUTPUT_MARKER}
     return [p.relative_to(directory).as_posix() for p in sorted(Path(directory).rglob("*"))
             if not p.is_dir() and p.relative_to(directory).as_posix() not in listed]
@@ -209,7 +210,8 @@ def check_output_dir(final: Path, replace: bool, flag: str | None) -> bool:
         return False
     if not final.is_dir():
         raise UserError(f"{final} exists and is not a directory: bdh does not replace it; choose another path")
-    if read_marker(final) is None:
+    marker = read_marker(final)
+    if marker is None:
         if not any(final.iterdir()):
             return False
         raise UserError(f"{final} exists and holds files bdh did not write ({OUTPUT_MARKER} is missing): "
@@ -217,7 +219,7 @@ def check_output_dir(final: Path, replace: bool, flag: str | None) -> bool:
     if not replace:
         how = f"pass {flag} to replace it" if flag else "remove it first"
         raise UserError(f"{final} holds earlier bdh output: {how}, or choose another path")
-    foreign = foreign_files(final) if (read_marker(final) or {}).get("files") is not None else []
+    foreign = foreign_files(final, marker) if marker.get("files") is not None else []
     if foreign:
         raise UserError(f"{final} holds bdh output but also {len(foreign)} file(s) bdh did not write (e.g. "
                         f"{foreign[0]}): bdh does not replace them; move them away or choose another path")

@@ -18,7 +18,7 @@ from bdh.baselines.gpt import GPT, GPTConfig
 from bdh.checkpoint import load_model, save_model
 from bdh.data import ByteTokenizer
 from bdh.errors import UserError
-from bdh.merge import merge_checkpoints, merge_models
+from bdh.merge import merge_models
 from bdh.rundir import load_checkpoint_tokenizer
 from tests.helpers import one_line_error
 

@@ -2,7 +2,6 @@
 gradients, dense and sparse, every flag), its corpus statistics, state, files, and the sanity bar."""
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -44,7 +44,7 @@ def test_graph_form_equals_bdh_gpu_eq8_normfree(U):
     logits, state = graph.forward(idx)
     assert logits.shape == (2, 64, 256)
     assert rel_err(logits, out.logits.double()) < 1e-5
-    nh, N, D = 2, 128, 32
+    nh, N = 2, 128
     senders = [model.embed.weight.double()] + [model.decoder.double()] * 2  # n_src, D
     freqs = model.freqs.double()[:, ::2]
     for sigma, W, S in zip(state.sigma, senders, out.state.rho):
