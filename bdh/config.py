@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 from bdh.errors import UserError
 from bdh.ops.alibi import alibi_decays
-from bdh.ops.chunked import CHUNK_SIZE
 from bdh.precision import DTYPE_NAMES
 
 ATTN_IMPLS = ("auto", "naive", "chunked", "recurrent")
@@ -132,8 +131,10 @@ class BDHConfig(ModelConfig):
     # True, False, or "auto" = wherever it applies (float32, reference layout, no detach_kv,
     # attn_impl auto or chunked, no activation capture, chunks dividing T)
     fused: str | bool = "auto"
-    # chunk length of the chunked form and the fused layer (memory/speed only, same results)
-    chunk_size: int = CHUNK_SIZE
+    # chunk length of the chunked form and of the fused layer (memory/speed only, same results);
+    # "auto": the fused layer's form and chunk per shape from a calibration cached per machine
+    # (bdh.ops.plan), the op-by-op chunked form in chunks of 256
+    chunk_size: int | str = "auto"
     # RoPE base; the reference uses 2**16 with pairs of neurons sharing a frequency
     rope_theta: float = 65536.0
     # per-head state decay lambda_h in (0, 1] (paper's U / ALiBi); None = no decay, "alibi" =
@@ -175,8 +176,10 @@ class BDHConfig(ModelConfig):
             self.decay = [float(d) for d in self.decay]
 
     def _validate(self) -> None:
-        self._check_positive_ints("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier", "vocab_size",
-                                  "chunk_size")
+        self._check_positive_ints("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier", "vocab_size")
+        size = self.chunk_size
+        if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            self._fail("chunk_size", "be a positive integer or 'auto'", size)
         self._check_divisible("n_embd", "n_head")
         if (self.mlp_internal_dim_multiplier * self.n_embd) % self.n_head:
             raise UserError("BDHConfig: mlp_internal_dim_multiplier * n_embd must be divisible by n_head")

@@ -25,6 +25,26 @@ from safetensors.torch import load_file, save_file
 from bdh.errors import UserError
 
 
+# where caches live unless a call names a directory: corpora, tokens, fused-layer plans
+CACHE_ENV = "BDH_CACHE"
+
+
+def cache_root(cache_dir: Path | str | None = None) -> Path:
+    """The cache directory: `cache_dir` if given, else $BDH_CACHE, else ~/.cache/bdh (created)."""
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "bdh"
+    root = Path(cache_dir).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create the cache directory {root} ({e.strerror}): "
+            f"set {CACHE_ENV} to a writable directory"
+        ) from None
+    return root
+
+
+
 @contextmanager
 def _replacing(path: Path) -> Iterator[str]:
     """A temporary file beside path to fill; then it is fsynced and renamed over path, and the

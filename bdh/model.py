@@ -35,7 +35,8 @@ Parameter names follow the authors' state_dict (so their checkpoints load as the
 Two explicit paths (docs/architecture.md):
 - `forward(idx, targets, state)`: a sequence. Each layer runs either the fused layer
   (bdh.ops.layer, `config.fused`) or op by op with the attention form `config.attn_impl`;
-  `engine(T)` says which, from the config alone.
+  `engine(T)` says which (from the config, and for the fused layer's attention from
+  bdh.ops.plan: the shape and the machine's calibration).
 - `step(idx, state)`: one token per sequence for decoding, the state updated in place, dense or
   sparse-aware (bdh.ops.recurrent.decode_layer / sparse_decode_layer).
 Activations are seen only on request: inside `with model.capture(callback):` every forward and
@@ -57,7 +58,9 @@ from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
 from bdh.ops.gated import gated_decode_layer, get_gated_attention
+from bdh.ops.chunked import CHUNK_SIZE
 from bdh.ops.layer import dropout_scale, fused_layer, norm
+from bdh.ops.plan import Plan, plan_for
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
 from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
@@ -142,30 +145,37 @@ class BDH(ModelBase):
         new_state = BDHState(rho=rho, pos=next_positions(state, B, T, idx.device)) if return_state else None
         return ModelOutput(logits=logits.float(), loss=next_token_loss(logits, targets), state=new_state)
 
-    def engine(self, T: int, has_state: bool = False, wants_state: bool = True) -> str:
-        """How forward computes a sequence of T tokens: "fused:C" (the fused layer in chunks of
-        C), or the op-by-op attention form ("naive", "chunked", "recurrent")."""
-        chunk = self._fused_chunk(T)
-        if chunk:
-            return f"fused:{chunk}"
+    def engine(self, T: int, has_state: bool = False, wants_state: bool = True, batch: int = 1) -> str:
+        """How forward computes `batch` sequences of T tokens: "fused:<plan>" (the fused layer,
+        its attention as bdh.ops.plan names it: direct/b or chunked/C), or the op-by-op attention
+        form ("naive", "chunked", "recurrent")."""
+        plan = self._fused_plan(batch, T, has_state, wants_state)
+        if plan:
+            return f"fused:{plan}"
         c = self.config
         if c.attn_impl != "auto":
             return c.attn_impl
-        return pick_attention(T, c.neurons_per_head, c.n_embd, c.chunk_size, has_state, wants_state)
+        return pick_attention(T, c.neurons_per_head, c.n_embd, self._chunk_size(), has_state, wants_state)
 
-    def _fused_chunk(self, T: int) -> int | None:
-        """The chunk length of the fused layer for T tokens, or None where the op-by-op layer runs.
+    def _chunk_size(self) -> int:
+        """The chunk length of the op-by-op chunked form."""
+        return CHUNK_SIZE if self.config.chunk_size == "auto" else self.config.chunk_size
+
+    def _fused_plan(self, B: int, T: int, has_state: bool, wants_state: bool) -> Plan | None:
+        """How the fused layer runs B sequences of T tokens, or None where the op-by-op layer runs.
 
         fused=False: never. "auto": wherever the fused layer computes the same thing (float32,
         the reference layout, no detach_kv, attn_impl auto or chunked), unless activations are
-        being captured or torch.compile is tracing (it fuses the op-by-op layer itself), in
-        chunks of min(chunk_size, T) when that divides T. fused=True: the same, but an error
-        where it cannot run.
+        being captured or torch.compile is tracing (it fuses the op-by-op layer itself). With
+        chunk_size "auto" the plan is bdh.ops.plan's for the shape; with a number, chunks of
+        min(chunk_size, T) when that divides T. fused=True: the same, but an error where it
+        cannot run.
         """
         c = self.config
         if c.fused is False:
             return None
-        C = min(c.chunk_size, T)
+        auto = c.chunk_size == "auto"
+        C = T if auto else min(c.chunk_size, T)
         why = None
         if c.attn_impl not in ("auto", "chunked") or c.layout != "reference" or c.detach_kv or c.variant != "gpu":
             why = "attn_impl auto or chunked, the reference layout, variant gpu and no detach_kv"
@@ -178,7 +188,9 @@ class BDH(ModelBase):
         elif torch.compiler.is_compiling():
             return None
         if why is None:
-            return C
+            if not auto:
+                return Plan(C)
+            return plan_for(B, T, c.n_head, c.neurons_per_head, c.n_embd, has_state or wants_state, self.encoder)
         if c.fused is True:
             raise UserError(f"fused=True needs {why}; set fused='auto' to fall back to the op-by-op layer")
         return None
@@ -186,19 +198,20 @@ class BDH(ModelBase):
     def _layers(self, idx, state, return_state):
         c = self.config
         T = idx.shape[1]
-        chunk = self._fused_chunk(T)
+        plan = self._fused_plan(idx.shape[0], T, state is not None, return_state)
         gated = c.variant == "gpu-prime"
         forms = get_gated_attention if gated else get_attention
-        attn = None if chunk else forms(self.engine(T, state is not None, return_state), c.chunk_size)
+        attn = None if plan else forms(self.engine(T, state is not None, return_state), self._chunk_size())
         rotors = self._rope(idx, state)  # 1|B, nh, T, N/2 complex
         v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, T, D
         x = None
         rho, handed_on = [], []
         for layer in range(c.n_layer):
             s0 = None if state is None else state.rho[layer]
-            if chunk:
+            if plan:
                 z, rho_l = fused_layer(v.squeeze(1), self.encoder, self.encoder_v, self._E(), rotors, s0, self.decay,
-                                       chunk, c.layernorm, self.drop.p if self.training else 0.0, return_state)
+                                       plan.chunk, c.layernorm, self.drop.p if self.training else 0.0, return_state,
+                                       plan.block)
                 z = z.unsqueeze(1)  # B, 1, T, D
             else:
                 x = self._neurons(v, x, layer)  # B, nh, T, N

@@ -15,12 +15,13 @@ import torch
 
 from bdh.errors import UserError
 from bdh.fileio import check_output_file, write_output_file
+from bdh.ops.plan import cpu_name
 
 
 def machine() -> dict:
     flags = _cpu_flags()
     info = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "avx512": any(f.startswith("avx512") for f in flags),
         "avx2": "avx2" in flags,
         "cores": os.cpu_count(),
@@ -31,16 +32,6 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _cpu_flags() -> set[str]:

@@ -81,7 +81,7 @@ def test_gated_naive_survives_tiny_gates():
 def test_gpu_prime_runs_op_by_op_and_says_so():
     model = prime_model()
     assert model.engine(16) in ("naive", "chunked")
-    assert make_model().engine(16) == "fused:16"
+    assert make_model().engine(16) == "fused:chunked/16"
     with pytest.raises(UserError, match="variant gpu"):
         prime_model(fused=True)(torch.zeros(1, 16, dtype=torch.long))
 

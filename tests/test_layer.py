@@ -10,6 +10,9 @@ from bdh.ops.layer import SCRATCH, fused_layer, norm
 
 B, NH, N, D = 2, 2, 16, 8
 DECAY = torch.tensor([0.9, 0.7], dtype=torch.float64)
+# what forward keeps for backward: (x, g); the rest is made again
+KEEPS = [(False, False), (True, False), (True, True)]
+KEEP_IDS = ["remake-x-g", "keep-x", "keep-x-g"]
 
 
 def reference_layer(v, Dx, Dy, E, rotors, s0, decay, layernorm, keep_scale):
@@ -49,9 +52,9 @@ def rel_err(a, b):
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["nodecay", "decay"])
 @pytest.mark.parametrize("layernorm", [True, False])
-@pytest.mark.parametrize("keep_x", [True, False], ids=["x-kept", "x-recomputed"])
-def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, layernorm, keep_x, monkeypatch):
-    monkeypatch.setattr(layer, "KEEP_X_UP_TO", 10**9 if keep_x else 0)
+@pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)
+def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, layernorm, keep, monkeypatch):
+    monkeypatch.setattr(layer, "kept", lambda big, size: keep)
     v, Dx, Dy, E, rotors, s0 = make(T, with_state)
     leaves = [t for t in (v, Dx, Dy, E, s0) if t is not None]
     z, state = fused_layer(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, need_state=True)
@@ -62,9 +65,41 @@ def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, la
         assert rel_err(g, g_ref) < 1e-11
 
 
-@pytest.mark.parametrize("keep_x", [True, False], ids=["x-kept", "x-recomputed"])
-def test_dropout_matches_the_same_mask(keep_x, monkeypatch):
-    monkeypatch.setattr(layer, "KEEP_X_UP_TO", 10**9 if keep_x else 0)
+@pytest.mark.parametrize("T, block", [(12, 4), (12, 1), (12, 12), (16, 8)])
+@pytest.mark.parametrize("decay", [None, DECAY], ids=["nodecay", "decay"])
+@pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)
+def test_row_blocked_direct_form_matches_op_by_op(T, block, decay, keep, monkeypatch):
+    """block: the quadratic form in row blocks (no states), against the authors' form op by op."""
+    monkeypatch.setattr(layer, "kept", lambda big, size: keep)
+    v, Dx, Dy, E, rotors, _ = make(T, False)
+    leaves = [v, Dx, Dy, E]
+    z, state = fused_layer(v, Dx, Dy, E, rotors, None, decay, None, True, block=block)
+    z_ref, _ = reference_layer(v, Dx, Dy, E, rotors, None, decay, True, None)
+    assert state is None
+    assert rel_err(z, z_ref) < 1e-12
+    zero = torch.zeros(1, dtype=z.dtype)
+    for g, g_ref in zip(grads_of(z, zero, leaves), grads_of(z_ref, zero, leaves)):
+        assert rel_err(g, g_ref) < 1e-11
+
+
+@pytest.mark.parametrize("bad", [dict(chunk_size=4), dict(need_state=True), dict(block=5)])
+def test_row_blocks_need_one_chunk_no_states_and_to_divide(bad):
+    v, Dx, Dy, E, rotors, _ = make(12, False)
+    kw = dict(block=4) | bad
+    with pytest.raises(ValueError, match="row blocks"):
+        fused_layer(v, Dx, Dy, E, rotors, **kw)
+
+
+def test_x_and_g_are_kept_within_the_memory_budget(monkeypatch):
+    monkeypatch.setattr(layer, "KEEP_BYTES", 2 * 4 * 1000)
+    assert layer.kept((10, 100), 4) == (True, True)  # x and g: 4,000 bytes each
+    assert layer.kept((10, 101), 4) == (True, False)
+    assert layer.kept((20, 101), 4) == (False, False)
+
+
+@pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)
+def test_dropout_matches_the_same_mask(keep, monkeypatch):
+    monkeypatch.setattr(layer, "kept", lambda big, size: keep)
     v, Dx, Dy, E, rotors, _ = make(12, False)
     torch.manual_seed(7)
     z, state = fused_layer(v, Dx, Dy, E, rotors, None, None, 4, True, dropout=0.25, need_state=True)
@@ -92,10 +127,10 @@ def test_chunk_must_divide_length():
         fused_layer(v, Dx, Dy, E, rotors, chunk_size=4)
 
 
-@pytest.mark.parametrize("keep_x", [True, False], ids=["x-kept", "x-recomputed"])
-def test_two_layers_sharing_scratch_buffers_match_op_by_op(keep_x, monkeypatch):
+@pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)
+def test_two_layers_sharing_scratch_buffers_match_op_by_op(keep, monkeypatch):
     """Consecutive layers reuse the same buffers, forward and backward; nothing may leak between them."""
-    monkeypatch.setattr(layer, "KEEP_X_UP_TO", 10**9 if keep_x else 0)
+    monkeypatch.setattr(layer, "kept", lambda big, size: keep)
     v, Dx, Dy, E, rotors, _ = make(8, False)
     leaves = [v, Dx, Dy, E]
 

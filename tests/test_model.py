@@ -166,7 +166,7 @@ def test_fused_training_path_equals_op_by_op(overrides):
     for impl in ("naive", "auto"):
         torch.manual_seed(0)
         model = make_model(attn_impl=impl, **overrides).double().train()
-        assert (model._fused_chunk(12) is not None) == (impl == "auto")
+        assert (model._fused_plan(1, 12, False, True) is not None) == (impl == "auto")
         with torch.no_grad():
             state = model(prefix).state
         state.rho = [r.clone().requires_grad_() for r in state.rho]
@@ -181,14 +181,14 @@ def test_fused_training_path_equals_op_by_op(overrides):
 
 def test_engine_follows_the_config_and_an_explicit_capture():
     model = make_model()
-    assert model.engine(16) == "fused:16"
+    assert model.engine(16) == "fused:chunked/16"
     with model.capture(lambda *args: None):
-        assert model._fused_chunk(16) is None and model.engine(16) in ("naive", "chunked")
-    assert model.engine(16) == "fused:16"
+        assert model._fused_plan(1, 16, False, True) is None and model.engine(16) in ("naive", "chunked")
+    assert model.engine(16) == "fused:chunked/16"
     model.register_forward_hook(lambda *args: None)  # a hook alone changes nothing
-    assert model.engine(16) == "fused:16"
+    assert model.engine(16) == "fused:chunked/16"
     assert make_model(layout="eq8").engine(16) in ("naive", "chunked")
-    assert make_model(attn_impl="chunked").engine(16) == "fused:16"
+    assert make_model(attn_impl="chunked").engine(16) == "fused:chunked/16"
     assert make_model(attn_impl="chunked", fused=False).engine(16) == "chunked"
     assert make_model(attn_impl="naive").engine(16) == "naive"
     assert make_model(fused=False).engine(1) == "recurrent"

@@ -14,14 +14,13 @@ import sys
 from pathlib import Path
 
 from bdh.errors import UserError
-from bdh.fileio import (OUTPUT_MARKER, atomic_write_bytes, check_files, foreign_files, fsync_tree, manifest_of,
-                        read_marker, sha256_file, write_marker)
+from bdh.fileio import (OUTPUT_MARKER, atomic_write_bytes, cache_root, check_files, foreign_files, fsync_tree,
+                        manifest_of, read_marker, sha256_file, write_marker)
 
 __all__ = ["atomic_write_bytes", "sha256_file", "cache_root", "publish_cache", "cache_problem", "discard_cache",
            "pip_download"]
 
 #: environment variable that moves the cache (e.g. to a shared or larger disk)
-CACHE_ENV = "BDH_CACHE"
 
 # pip can sit on a slow proxy; past this we give up with a clear message instead of hanging
 _PIP_TIMEOUT_S = 600
@@ -29,21 +28,6 @@ _PIP_TIMEOUT_S = 600
 # after this many seconds, retried once, so the one-line error comes within 30 seconds
 PIP_SOCKET_TIMEOUT_S = 5
 PIP_RETRIES = 1
-
-
-def cache_root(cache_dir: Path | str | None = None) -> Path:
-    """The cache directory: `cache_dir` if given, else $BDH_CACHE, else ~/.cache/bdh (created)."""
-    if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "bdh"
-    root = Path(cache_dir).expanduser()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot create the cache directory {root} ({e.strerror}): "
-            f"set {CACHE_ENV} to a writable directory"
-        ) from None
-    return root
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -171,6 +171,46 @@ def attend_backward(q, k, v, s0, has_states: bool, w: Weights, C: int, d_o, d_fi
     return unchunk(dq), unchunk(dk), unchunk(dv), d_s0
 
 
+def attend_direct(q, v, w: Weights, block: int):
+    """The quadratic form with k = q and no states, in row blocks that skip the zero upper triangle.
+
+    q: (B, nh, T, N); v: (B, nh, T, D); w: Weights of one chunk of T (C = T); block divides T.
+    Rows lo:hi see keys 0:hi only, so the scores cost (T + block) / 2 instead of T per token:
+        o[lo:hi] = (Q[lo:hi] K[:hi]^T * M[lo:hi, :hi]) V[:hi]
+    """
+    B, nh, T, _ = q.shape
+    o = v.new_empty(B, nh, T, v.shape[-1])
+    for lo in range(0, T, block):
+        hi = lo + block
+        o[:, :, lo:hi] = _bmm(_row_scores(q, q, w, lo, hi), v[:, :, :hi])  # B, nh, block, D
+    return o
+
+
+def attend_direct_backward(q, v, w: Weights, block: int, d_o, dq_into=None):
+    """Gradients of attend_direct: dq (the keys' share included, added to dq_into if given) and dv.
+
+    Per row block the scores A and dA = (dO V^T) * M are recomputed (the triangle only); dA is
+    gathered into one (B, nh, T, T) matrix so that dQ + dK = (dA + dA^T) Q costs one full product.
+    """
+    B, nh, T, _ = q.shape
+    d_o = d_o.to(q.dtype).contiguous()
+    dA = q.new_zeros(B, nh, T, T)
+    dv = torch.zeros_like(v)  # B, nh, T, D
+    for lo in range(0, T, block):
+        hi = lo + block
+        dA[:, :, lo:hi, :hi] = _row_scores(d_o, v, w, lo, hi)
+        _bmm(_row_scores(q, q, w, lo, hi).transpose(-1, -2), d_o[:, :, lo:hi], add_to=dv[:, :, :hi])
+    dA.add_(dA.transpose(-1, -2).clone())
+    dq = _bmm(dA, q) if dq_into is None else _bmm(dA, q, add_to=dq_into)
+    return dq, dv
+
+
+def _row_scores(a, b, w: Weights, lo: int, hi: int):
+    """Masked scores of rows lo:hi against columns 0:hi: (a[lo:hi] b[:hi]^T) * M[lo:hi, :hi], (B, nh, hi - lo, hi)."""
+    scores = _bmm(a[:, :, lo:hi], b[:, :, :hi].transpose(-1, -2))
+    return scores.tril_(diagonal=lo - 1) if w.M is None else scores.mul_(w.M[:, lo:hi, :hi])
+
+
 def _product_into(into, a, b, C):
     """a @ b (B, nh, nc, C, X), added to `into` (B, nh, T, X) if given, else a new tensor."""
     return _bmm(a, b) if into is None else _bmm(a, b, add_to=_chunks(into, C))

@@ -3,15 +3,16 @@
 The layer (the authors' reference code, the paper's Section 3; reference layout), from its input v (B, T, D):
     x = relu(v D_x)                       B, nh, T, N
     q = RoPE(x)                           keys are the queries
-    a = attention(q, q, v)                B, nh, T, D   (chunked form, bdh.ops.chunked)
+    a = attention(q, q, v)                B, nh, T, D   (direct or chunked form, bdh.ops.plan)
     g = relu(LN(a) D_y),  y = g * x       B, nh, T, N   (dropout on y when training)
     z = sum_h y_h E_h                     B, T, D       (the output; residual and LN stay outside)
 
 Written with autograd op by op (BDH._layers with attn_impl naive/chunked, the reference), every
 N-wide intermediate is a fresh tensor and most are kept for backward: about ten (B, nh, T, N)
-tensors per layer, each written through fresh pages. Here only v and a (B, nh, T, D) are kept
-(and the incoming state; and x for T <= KEEP_X_UP_TO): x (twice), q, g, y and the chunk states
-are recomputed in backward (three extra matmuls per layer, one when x is kept). The backward is
+tensors per layer, each written through fresh pages. Here v and a (B, nh, T, D) are kept (and
+the incoming state), and x and g while they fit a memory budget (KEEP_BYTES); q, y, the scores
+and the chunk states are recomputed in backward (and x, twice, and g when they do not fit: three
+extra matmuls per layer). The backward is
 written out below with in-place elementwise passes into three reused buffers (Scratch), and
 dq + dk costs one matmul because k = q:
     dE   = y^T dz                 dy  = dz E^T (* dropout scale)
@@ -28,7 +29,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from bdh.ops.chunked import Weights, attend, attend_backward, uses_states
+from bdh.ops.chunked import Weights, attend, attend_backward, attend_direct, attend_direct_backward, uses_states
 from bdh.ops.rope import apply_rope_complex, rotate_, unrotate_
 
 
@@ -38,57 +39,65 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, layernorm=True, dropout=0.0,
-                need_state=False):
+                need_state=False, block=None):
     """z (B, T, D) and the final state (B, nh, N, D) or None, as the op-by-op layer computes them.
 
     v: (B, T, D); Dx, Dy: (nh, D, N); E: (nh, N, D); rotors: (1 | B, nh, T, N/2) complex;
     s0: (B, nh, N, D) or None; decay: (nh,) or None; chunk_size must divide T (None: T, the
-    quadratic form); dropout: probability of dropping each y entry (0 when not training).
+    quadratic form); dropout: probability of dropping each y entry (0 when not training);
+    block: the quadratic form in row blocks of this length (bdh.ops.plan: direct/b), which needs
+    chunk_size T (or None), no s0 and need_state False.
     """
     T = v.shape[1]
     C = chunk_size or T
     if T % C:
         raise ValueError(f"fused_layer needs the chunk size ({C}) to divide the sequence length ({T})")
-    return FusedLayer.apply(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, dropout, need_state)
+    if block is not None and (C != T or s0 is not None or need_state or T % block):
+        raise ValueError(f"fused_layer's row blocks ({block}) need one chunk of T ({T}) that they divide, no states")
+    return FusedLayer.apply(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, dropout, need_state, block)
 
 
 class FusedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, Dx, Dy, E, rotors, s0, lam, C, layernorm, p, need_state):
+    def forward(ctx, v, Dx, Dy, E, rotors, s0, lam, C, layernorm, p, need_state, block):
         B, T, D = v.shape
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
         v_heads = _heads(v, nh)  # B, nh, T, D
-        keep_x = T <= KEEP_X_UP_TO
+        keep_x, keep_g = kept(big, v.element_size())
         x = _neurons(v_heads, Dx, out=None if keep_x else SCRATCH.get(1, big, v))  # B, nh, T, N
         q = apply_rope_complex(x, rotors, out=SCRATCH.get(0, big, v))
         w = Weights(lam, C, q.dtype)
-        a, final = attend(q, q, v_heads, s0, w, C, need_state)  # B, nh, T, D
+        if block:
+            a, final = attend_direct(q, v_heads, w, block), None  # B, nh, T, D
+        else:
+            a, final = attend(q, q, v_heads, s0, w, C, need_state)
         del v_heads
-        y = per_head(norm(a) if layernorm else a, Dy, out=q).relu_().mul_(x)  # q is spent: reuse it
+        g = per_head(norm(a) if layernorm else a, Dy, out=None if keep_g else q).relu_()  # q is spent: reuse it
+        y = torch.mul(g, x, out=q) if keep_g else g.mul_(x)  # B, nh, T, N
         keep = None
         if p > 0:
             scale = dropout_scale(y, p)
             y.mul_(scale)
             keep = scale != 0  # bool: a quarter of the memory
         z = per_head(y, E).sum(dim=1)  # B, T, D
-        ctx.save_for_backward(v, Dx, Dy, E, rotors, a, s0, keep, lam, x if keep_x else None)
-        ctx.C, ctx.layernorm, ctx.p = C, layernorm, p
+        ctx.save_for_backward(v, Dx, Dy, E, rotors, a, s0, keep, lam, x if keep_x else None, g if keep_g else None)
+        ctx.C, ctx.block, ctx.layernorm, ctx.p = C, block, layernorm, p
         ctx.has_states = uses_states(T, C, s0, need_state)
         return z, final
 
     @staticmethod
     def backward(ctx, dz, d_final):
-        v, Dx, Dy, E, rotors, a, s0, keep, lam, kept_x = ctx.saved_tensors
+        v, Dx, Dy, E, rotors, a, s0, keep, lam, kept_x, kept_g = ctx.saved_tensors
         B, T, D = v.shape
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
         scale = None if keep is None else keep.to(v.dtype).div_(1 - ctx.p)
         v_heads, dz_heads = _heads(v, nh), _heads(dz, nh)  # B, nh, T, D
         a_hat, norm_backward = _norm_with_backward(a, ctx.layernorm)
-        # the read-out: g, y (and x unless kept) recomputed into three buffers, which then hold dy, dg, dx
+        # the read-out: x and g (unless kept) and y made again into three buffers, which then hold dg, dx, dy
         x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v))  # B, nh, T, N
-        g = per_head(a_hat, Dy, out=SCRATCH.get(1, big, v)).relu_()
+        g = kept_g if kept_g is not None else per_head(a_hat, Dy, out=SCRATCH.get(1, big, v)).relu_()
         y = torch.mul(g, x, out=SCRATCH.get(2, big, v))
         if scale is not None:
             y.mul_(scale)
@@ -96,23 +105,28 @@ class FusedLayer(torch.autograd.Function):
         dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent
         if scale is not None:
             dy.mul_(scale)
-        # dy * x into x's memory when x was recomputed (it is made again below), else a buffer
+        # dy * x into x's memory when x was made again (it is made again below), else a buffer
         dg = torch.mul(dy, x, out=SCRATCH.get(0, big, v) if kept_x is not None else x)
         dg = relu_backward_(dg, g)
-        dx = g.mul_(dy)  # the gating's share of dx, into g's memory
+        dx = torch.mul(g, dy, out=SCRATCH.get(1, big, v))  # the gating's share of dx (into g's memory if made)
         dDy = weight_grad(a_hat, dg)  # nh, D, N
         da = norm_backward(per_head(dg, Dy.transpose(-1, -2)))  # B, nh, T, D
         # the attention: dq (+ dk) is accumulated onto the rotated dx, then all of it rotated back
         x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=dg)
         q = apply_rope_complex(x, rotors, out=dy)
         w = Weights(lam, ctx.C, q.dtype)
-        _, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, s0, ctx.has_states, w, ctx.C, da, d_final,
-                                               shared_qk=True, dq_into=rotate_(dx, _unrotation_inverse(rotors, dx)))
+        dq_into = rotate_(dx, _unrotation_inverse(rotors, dx))
+        if ctx.block:
+            _, dv_heads = attend_direct_backward(q, v_heads, w, ctx.block, da, dq_into=dq_into)
+            d_s0 = None
+        else:
+            _, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, s0, ctx.has_states, w, ctx.C, da, d_final,
+                                                   shared_qk=True, dq_into=dq_into)
         dx = relu_backward_(unrotate_(dx, rotors), x)  # B, nh, T, N
         dDx = weight_grad(v_heads, dx)  # nh, D, N
         dv = per_head(dx, Dx.transpose(-1, -2)).sum(dim=1) + dv_heads.sum(dim=1)  # B, T, D
         d_s0 = d_s0 if ctx.needs_input_grad[5] else None
-        return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None
+        return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None, None
 
 
 def dropout_scale(y: torch.Tensor, p: float) -> torch.Tensor:
@@ -146,10 +160,19 @@ def _heads(v, nh):
     return v.unsqueeze(1).expand(B, nh, T, D).contiguous()
 
 
-# Up to this length x is kept from forward to backward (one (B, nh, T, N) tensor per layer)
-# rather than recomputed twice: with short sequences the two extra matmuls are a large share of
-# the step (benchmarks/README.md, T = 128).
-KEEP_X_UP_TO = 256
+# x and g are kept from forward to backward, rather than made again there (x twice, g once: one
+# (B, nh, T, N) product each), while each takes at most this many bytes per layer: a memory budget,
+# not a length. For small (n = 3,072) that is up to 5,461 tokens per step; for paper-25m (n = 32,768)
+# 512, so its default batch of 8 x 512 makes them again.
+KEEP_BYTES = 32 << 20
+
+
+def kept(big, element_size: int) -> tuple[bool, bool]:
+    """Whether x, and whether also g, of shape big fit the budget (g only with x: the x tensor is needed first)."""
+    size = element_size
+    for d in big:
+        size *= d
+    return size <= KEEP_BYTES, 2 * size <= KEEP_BYTES
 
 
 class Scratch(threading.local):

@@ -1,0 +1,82 @@
+"""bdh.ops.plan: which attention form the fused layer runs, measured per machine and cached."""
+
+import pytest
+import torch
+
+from bdh.fileio import cache_root, read_json
+from bdh.ops import plan as plan_mod
+from bdh.ops.plan import CACHE_FILE, Plan, candidates, counted_cost, plan_for
+from bdh import BDH, BDHConfig
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memo():
+    plan_mod._cached.cache_clear()
+    yield
+    plan_mod._cached.cache_clear()
+
+
+def test_states_allow_only_the_chunked_form():
+    assert [str(p) for p in candidates(128, states=True)] == ["chunked/32", "chunked/64", "chunked/128"]
+    assert [str(p) for p in candidates(128, states=False)] == [
+        "direct/32", "direct/64", "direct/128", "chunked/32", "chunked/64"]
+    assert candidates(12, states=False) == [Plan(12, 12)]
+
+
+def test_counted_costs_follow_the_formulas():
+    T, N, D = 512, 768, 192
+    assert counted_cost(Plan(T, 128), T, N, D) == (T + 128) / 2 * (2 * N + 3 * D) + T * N
+    assert counted_cost(Plan(256), T, N, D) == 3 * 256 * (N + D) + 7 * N * D * 256 / T
+    # long sequences: carrying states wins; short ones: the direct form
+    assert min(candidates(2048, False), key=lambda p: counted_cost(p, 2048, N, D)).block is None
+    assert min(candidates(256, False), key=lambda p: counted_cost(p, 256, N, D)).block is not None
+
+
+def test_small_shapes_use_the_count_and_write_nothing():
+    cheapest = min(candidates(64, False), key=lambda p: counted_cost(p, 64, 16, 8))
+    assert plan_for(1, 64, 2, 16, 8, False, torch.empty(0)) == cheapest
+    assert not (cache_root() / CACHE_FILE).exists()
+
+
+def test_calibration_times_the_cheapest_candidates_once_and_caches_them(monkeypatch):
+    monkeypatch.setattr(plan_mod, "CALIBRATE_FROM", 0)
+    timed = []
+
+    def fake_measure(p, *shape):
+        timed.append(str(p))
+        return 0.2 if p == slowest_counted else 1.0
+
+    monkeypatch.setattr(plan_mod, "measure", fake_measure)
+    ranked = sorted(candidates(128, False), key=lambda p: counted_cost(p, 128, 16, 8))
+    slowest_counted = ranked[plan_mod.TIMED - 1]  # the measurement, not the count, decides
+    like = torch.empty(0)
+    chosen = plan_for(2, 128, 2, 16, 8, False, like)
+    assert chosen == slowest_counted and timed == [str(p) for p in ranked[:plan_mod.TIMED]]
+    table = read_json(cache_root() / CACHE_FILE)
+    (key, entry), = table.items()
+    assert "B2 T128 nh2 N16 D8 states0" in key and entry["plan"] == str(chosen)
+    plan_mod._cached.cache_clear()  # a new process: the file answers, nothing is timed
+    monkeypatch.setattr(plan_mod, "measure", lambda *a: pytest.fail("timed again"))
+    assert plan_for(2, 128, 2, 16, 8, False, like) == chosen
+
+
+def test_a_real_measurement_returns_seconds():
+    p = Plan(32, 16)
+    seconds = plan_mod.measure(p, 1, 2, 32, 16, 8, torch.device("cpu"), torch.float32, repeats=1)
+    assert 0 < seconds < 5
+
+
+def test_calibration_off_uses_the_count(monkeypatch):
+    monkeypatch.setattr(plan_mod, "CALIBRATE_FROM", 0)
+    monkeypatch.setenv("BDH_CALIBRATE", "0")
+    monkeypatch.setattr(plan_mod, "measure", lambda *a: pytest.fail("timed"))
+    cheapest = min(candidates(128, False), key=lambda p: counted_cost(p, 128, 16, 8))
+    assert plan_for(2, 128, 2, 16, 8, False, torch.empty(0)) == cheapest
+
+
+def test_training_runs_the_direct_form_and_state_passing_the_chunked_one():
+    make_model = lambda **kw: BDH(BDHConfig.from_name("tiny", **kw))  # noqa: E731
+    model = make_model()
+    assert model.engine(64, has_state=False, wants_state=False).startswith("fused:direct/")
+    assert model.engine(64, has_state=True).startswith("fused:chunked/")
+    assert make_model(chunk_size=16).engine(64, wants_state=False) == "fused:chunked/16"
