@@ -10,15 +10,11 @@ same count is used for every form so that FLOP/s compare like with like:
     forward per token = L (6 n D + T_avg (n + nh D)) + 2 D V, T_avg = (T + 1) / 2 causal average
     training = 3 x forward.
 That count flatters the chunked and fused forms, which do less attention work than that; for
-attn_impl="auto" (the fused layer, bdh/ops/layer.py, chunk C) the JSON also gives the FLOPs it
-executes, from the matmuls it runs (scores and weighted sums over full C x C blocks; two state
-passes forward and five backward only when there are states, i.e. T > C; in backward g is
-recomputed once, and x twice unless T <= KEEP_X_UP_TO keeps it; backward's own products are
-dE, dy, dD_y, da, dD_x and dv):
-    forward  = 2 (L (3 n D + nh (C (N + D) + S 2 N D)) + D V)
-    backward = 2 (L ((7 + 2 R) n D + nh (2 C (N + D) + S 5 N D)) + 2 D V)
-with S = 1 when T > C else 0, R = 0 when T <= KEEP_X_UP_TO else 1. (Before, S = R = 1 always,
-which at T = 128 counted 1.024 of the machine's matmul peak.)
+attn_impl="auto" (the fused layer, bdh/ops/layer.py) the JSON also gives the FLOPs it executes,
+from the matmuls it runs: forward 3 n D per layer; backward dE, dy, dD_y, da, dD_x and dv (6 n D),
+plus g made again (n D) and x twice (2 n D) where the memory budget does not keep them
+(bdh.ops.layer.kept); the attention as bdh.ops.plan counts it for the plan the layer runs
+(counted_cost, per head); the read-out to the vocabulary D V forward and 2 D V backward.
 
     python benchmarks/train_step.py --presets small paper-25m --seq 512 2048 --out benchmarks/results/train.json
 """
@@ -71,20 +67,24 @@ def flops_per_token(cfg, T: int) -> float:
     return 3 * forward
 
 
-def fused_flops_per_token(cfg, T: int) -> float | None:
+def fused_flops_per_token(cfg, T: int, B: int) -> float | None:
     """FLOPs per token the fused layer executes (forward + backward), or None where it does not run."""
-    C = min(cfg.chunk_size, T)
-    if T % C:
-        return None
-    from bdh.ops.chunked import uses_states
-    from bdh.ops.layer import KEEP_X_UP_TO
+    import torch
+
+    from bdh.ops.layer import kept
+    from bdh.ops.plan import Plan, counted_cost, plan_for
 
     n, D, L, nh, V, N = cfg.n_neurons, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.neurons_per_head
-    states = uses_states(T, C, None, False)  # one chunk and no state asked for: no state passes at all
-    x_made = 1 if T <= KEEP_X_UP_TO else 3  # x kept for backward up to KEEP_X_UP_TO, else recomputed twice
-    forward = L * (3 * n * D + nh * (C * (N + D) + (2 * N * D if states else 0))) + D * V
-    backward = L * ((4 + x_made + 2) * n * D + nh * (2 * C * (N + D) + (5 * N * D if states else 0))) + 2 * D * V
-    return 2 * (forward + backward)
+    if cfg.chunk_size == "auto":
+        plan = plan_for(B, T, nh, N, D, False, torch.empty(0))  # the worker's plan: the same cache
+    elif T % min(cfg.chunk_size, T):
+        return None
+    else:
+        plan = Plan(min(cfg.chunk_size, T))
+    keep_x, keep_g = kept((B, nh, T, N), 4)
+    forward = L * 3 * n * D + D * V
+    backward = L * (6 + (not keep_g) + 2 * (not keep_x)) * n * D + 2 * D * V
+    return 2 * (forward + backward + L * nh * counted_cost(plan, T, N, D))
 
 
 def run_worker(preset, T, B, impl, repeats, compile_=False) -> dict:
@@ -139,7 +139,7 @@ def _summarise(preset, T, B, cfg, runs, peak):
             "gflops": round(fpt * B * T / t / 1e9, 1),
             "fraction_of_matmul_peak": round(fpt * B * T / t / 1e9 / peak, 3),
         }
-        executed = fused_flops_per_token(cfg, T) if name == "auto" else None
+        executed = fused_flops_per_token(cfg, T, B) if name == "auto" else None
         if executed:
             row["forms"][name]["executed_gflops"] = round(executed * B * T / t / 1e9, 1)
             row["forms"][name]["executed_fraction_of_peak"] = round(executed * B * T / t / 1e9 / peak, 3)

@@ -68,9 +68,11 @@ def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, la
 @pytest.mark.parametrize("T, block", [(12, 4), (12, 1), (12, 12), (16, 8)])
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["nodecay", "decay"])
 @pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)
-def test_row_blocked_direct_form_matches_op_by_op(T, block, decay, keep, monkeypatch):
+@pytest.mark.parametrize("scores", [True, False], ids=["keep-scores", "remake-scores"])
+def test_row_blocked_direct_form_matches_op_by_op(T, block, decay, keep, scores, monkeypatch):
     """block: the quadratic form in row blocks (no states), against the authors' form op by op."""
     monkeypatch.setattr(layer, "kept", lambda big, size: keep)
+    monkeypatch.setattr(layer, "keeps_scores", lambda *shape: scores)
     v, Dx, Dy, E, rotors, _ = make(T, False)
     leaves = [v, Dx, Dy, E]
     z, state = fused_layer(v, Dx, Dy, E, rotors, None, decay, None, True, block=block)
@@ -95,6 +97,8 @@ def test_x_and_g_are_kept_within_the_memory_budget(monkeypatch):
     assert layer.kept((10, 100), 4) == (True, True)  # x and g: 4,000 bytes each
     assert layer.kept((10, 101), 4) == (True, False)
     assert layer.kept((20, 101), 4) == (False, False)
+    assert layer.keeps_scores(1, 1, 40, 10, 4)  # 40 x 50 / 2 = 1,000 numbers: 4,000 bytes
+    assert not layer.keeps_scores(1, 1, 40, 11, 4)
 
 
 @pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)

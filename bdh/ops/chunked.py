@@ -171,35 +171,43 @@ def attend_backward(q, k, v, s0, has_states: bool, w: Weights, C: int, d_o, d_fi
     return unchunk(dq), unchunk(dk), unchunk(dv), d_s0
 
 
-def attend_direct(q, v, w: Weights, block: int):
+def attend_direct(q, v, w: Weights, block: int, keep_scores: bool = False):
     """The quadratic form with k = q and no states, in row blocks that skip the zero upper triangle.
 
     q: (B, nh, T, N); v: (B, nh, T, D); w: Weights of one chunk of T (C = T); block divides T.
     Rows lo:hi see keys 0:hi only, so the scores cost (T + block) / 2 instead of T per token:
         o[lo:hi] = (Q[lo:hi] K[:hi]^T * M[lo:hi, :hi]) V[:hi]
+    Returns o (B, nh, T, D) and, with keep_scores, the row blocks' masked scores (a list of
+    (B, nh, block, hi): T (T + block) / 2 numbers per head and sequence) for the backward, else None.
     """
     B, nh, T, _ = q.shape
     o = v.new_empty(B, nh, T, v.shape[-1])
+    kept = [] if keep_scores else None
     for lo in range(0, T, block):
         hi = lo + block
-        o[:, :, lo:hi] = _bmm(_row_scores(q, q, w, lo, hi), v[:, :, :hi])  # B, nh, block, D
-    return o
+        A = _row_scores(q, q, w, lo, hi)  # B, nh, block, hi
+        o[:, :, lo:hi] = _bmm(A, v[:, :, :hi])  # B, nh, block, D
+        if kept is not None:
+            kept.append(A)
+    return o, kept
 
 
-def attend_direct_backward(q, v, w: Weights, block: int, d_o, dq_into=None):
+def attend_direct_backward(q, v, w: Weights, block: int, d_o, dq_into=None, scores=None):
     """Gradients of attend_direct: dq (the keys' share included, added to dq_into if given) and dv.
 
-    Per row block the scores A and dA = (dO V^T) * M are recomputed (the triangle only); dA is
-    gathered into one (B, nh, T, T) matrix so that dQ + dK = (dA + dA^T) Q costs one full product.
+    Per row block the scores A (unless forward kept them: scores) and dA = (dO V^T) * M are made
+    again (the triangle only); dA is gathered into one (B, nh, T, T) matrix so that
+    dQ + dK = (dA + dA^T) Q costs one full product.
     """
     B, nh, T, _ = q.shape
     d_o = d_o.to(q.dtype).contiguous()
     dA = q.new_zeros(B, nh, T, T)
     dv = torch.zeros_like(v)  # B, nh, T, D
-    for lo in range(0, T, block):
+    for i, lo in enumerate(range(0, T, block)):
         hi = lo + block
         dA[:, :, lo:hi, :hi] = _row_scores(d_o, v, w, lo, hi)
-        _bmm(_row_scores(q, q, w, lo, hi).transpose(-1, -2), d_o[:, :, lo:hi], add_to=dv[:, :, :hi])
+        A = scores[i] if scores is not None else _row_scores(q, q, w, lo, hi)
+        _bmm(A.transpose(-1, -2), d_o[:, :, lo:hi], add_to=dv[:, :, :hi])
     dA.add_(dA.transpose(-1, -2).clone())
     dq = _bmm(dA, q) if dq_into is None else _bmm(dA, q, add_to=dq_into)
     return dq, dv

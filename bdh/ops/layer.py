@@ -68,8 +68,10 @@ class FusedLayer(torch.autograd.Function):
         x = _neurons(v_heads, Dx, out=None if keep_x else SCRATCH.get(1, big, v))  # B, nh, T, N
         q = apply_rope_complex(x, rotors, out=SCRATCH.get(0, big, v))
         w = Weights(lam, C, q.dtype)
+        ctx.scores = None
         if block:
-            a, final = attend_direct(q, v_heads, w, block), None  # B, nh, T, D
+            keep_scores = keeps_scores(B, nh, T, block, q.element_size())
+            (a, ctx.scores), final = attend_direct(q, v_heads, w, block, keep_scores), None  # B, nh, T, D
         else:
             a, final = attend(q, q, v_heads, s0, w, C, need_state)
         del v_heads
@@ -117,7 +119,8 @@ class FusedLayer(torch.autograd.Function):
         w = Weights(lam, ctx.C, q.dtype)
         dq_into = rotate_(dx, _unrotation_inverse(rotors, dx))
         if ctx.block:
-            _, dv_heads = attend_direct_backward(q, v_heads, w, ctx.block, da, dq_into=dq_into)
+            _, dv_heads = attend_direct_backward(q, v_heads, w, ctx.block, da, dq_into=dq_into, scores=ctx.scores)
+            ctx.scores = None
             d_s0 = None
         else:
             _, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, s0, ctx.has_states, w, ctx.C, da, d_final,
@@ -161,9 +164,11 @@ def _heads(v, nh):
 
 
 # x and g are kept from forward to backward, rather than made again there (x twice, g once: one
-# (B, nh, T, N) product each), while each takes at most this many bytes per layer: a memory budget,
-# not a length. For small (n = 3,072) that is up to 5,461 tokens per step; for paper-25m (n = 32,768)
-# 512, so its default batch of 8 x 512 makes them again.
+# (B, nh, T, N) product each), while each takes at most this many bytes per layer, and the direct
+# form's scores while they take half of it: a memory budget, not a length. For small (n = 3,072)
+# x fits up to 2,730 tokens per step and g with it up to 1,365; for paper-25m (n = 32,768) 256
+# and 128, so its default batch of 8 x 512 makes them again. (Keeping g too at 2,048 tokens of
+# small was 8 % faster but put peak memory above half of the authors' form's: benchmarks/README.md.)
 KEEP_BYTES = 32 << 20
 
 
@@ -173,6 +178,11 @@ def kept(big, element_size: int) -> tuple[bool, bool]:
     for d in big:
         size *= d
     return size <= KEEP_BYTES, 2 * size <= KEEP_BYTES
+
+
+def keeps_scores(B: int, nh: int, T: int, block: int, element_size: int) -> bool:
+    """Whether the direct form's row-block scores (T (T + block) / 2 per head and sequence) fit half the budget."""
+    return B * nh * T * (T + block) // 2 * element_size <= KEEP_BYTES // 2
 
 
 class Scratch(threading.local):

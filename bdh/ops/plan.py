@@ -34,6 +34,7 @@ import torch
 
 from bdh.fileio import cache_root, read_json, write_json
 from bdh.ops.chunked import Weights, attend, attend_backward, attend_direct, attend_direct_backward
+from bdh.ops.layer import keeps_scores
 
 BLOCKS = (32, 64, 128, 256)  # row blocks of the direct form, and chunk lengths of the chunked form
 CALIBRATE_FROM = 1 << 22  # B * nh * T * N at which a shape is worth timing (~0.1 s of attention)
@@ -110,8 +111,8 @@ def measure(plan: Plan, B, nh, T, N, D, device, dtype, repeats: int = 2) -> floa
 
     def run():
         if plan.block:
-            attend_direct(q, v, w, plan.block)
-            attend_direct_backward(q, v, w, plan.block, d_o)
+            _, scores = attend_direct(q, v, w, plan.block, keeps_scores(B, nh, T, plan.block, q.element_size()))
+            attend_direct_backward(q, v, w, plan.block, d_o, scores=scores)
         else:
             states = plan.chunk != T
             attend(q, q, v, None, w, plan.chunk, False)
