@@ -813,7 +813,7 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("train_step", "vs_authors", "generate", "sparse_decode")
+BENCHMARKS = ("train_step", "vs_authors", "generate", "sparse_decode", "sparse_readout", "weight_products")
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:

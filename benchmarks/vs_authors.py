@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import emit, median
+from common import add_out_args, check_out, emit, median
 
 WORKER = r"""
 import json, resource, sys, time, torch
@@ -73,8 +73,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens-per-step", type=int, default=2048, help="batch size = this / T (at least 1)")
     p.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1])
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", default=None)
+    add_out_args(p)
     args = p.parse_args(argv)
+    check_out(args)
     rows = []
     for T in args.seq:
         B = max(1, args.tokens_per_step // T)
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
             row["dropout_cost"] = {f: round(base["forms"][f]["tokens_per_s"] / row["forms"][f]["tokens_per_s"] - 1, 3)
                                    for f in ("bdh", "authors")
                                    if "tokens_per_s" in row["forms"][f] and "tokens_per_s" in base["forms"][f]}
-    emit("vs_authors", {"results": rows}, args.out)
+    emit("vs_authors", {"results": rows}, args.out, args.overwrite)
     return 0
 
 
