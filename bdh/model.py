@@ -60,7 +60,7 @@ from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, 
 from bdh.ops.gated import gated_decode_layer, get_gated_attention
 from bdh.ops.chunked import CHUNK_SIZE
 from bdh.ops.layer import dropout_scale, fused_layer, norm
-from bdh.ops.plan import Plan, plan_for
+from bdh.ops.plan import Plan, plan_for, sparse_below
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
 from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
@@ -199,6 +199,7 @@ class BDH(ModelBase):
         c = self.config
         T = idx.shape[1]
         plan = self._fused_plan(idx.shape[0], T, state is not None, return_state)
+        sparse = sparse_below(idx.shape[0], T, c.n_head, c.neurons_per_head, c.n_embd, self.encoder) if plan else 0.0
         gated = c.variant == "gpu-prime"
         forms = get_gated_attention if gated else get_attention
         attn = None if plan else forms(self.engine(T, state is not None, return_state), self._chunk_size())
@@ -211,7 +212,7 @@ class BDH(ModelBase):
             if plan:
                 z, rho_l = fused_layer(v.squeeze(1), self.encoder, self.encoder_v, self._E(), rotors, s0, self.decay,
                                        plan.chunk, c.layernorm, self.drop.p if self.training else 0.0, return_state,
-                                       plan.block)
+                                       plan.block, sparse)
                 z = z.unsqueeze(1)  # B, 1, T, D
             else:
                 x = self._neurons(v, x, layer)  # B, nh, T, N

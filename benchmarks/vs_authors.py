@@ -25,18 +25,35 @@ sys.path.insert(0, sys.argv[6])
 from authors_form import AuthorsForm
 from bdh import BDH, BDHConfig
 form, preset, T, B, p, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[7])
+ckpt = sys.argv[8]
 torch.manual_seed(0)
-model = BDH(BDHConfig.from_name(preset, dropout=p))
+if ckpt:  # trained weights: its config, this dropout
+    from bdh.checkpoint import load_model
+    trained = load_model(ckpt)
+    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), "dropout": p}))
+    model.load_state_dict(trained.state_dict())
+else:
+    model = BDH(BDHConfig.from_name(preset, dropout=p))
 if form == "plan":  # calibrate in a process of its own, so that its buffers are not in the timed one's peak
-    print(json.dumps({"plan": model.engine(T, False, False, batch=B)}))
+    from bdh.ops.plan import sparse_below
+    c = model.config
+    print(json.dumps({"plan": model.engine(T, False, False, batch=B),
+                      "sparse_below": sparse_below(B, T, c.n_head, c.neurons_per_head, c.n_embd, model.encoder)}))
     sys.exit(0)
 if form == "authors":
     model = AuthorsForm.from_bdh(model)
 model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 g = torch.Generator().manual_seed(1)
-x = torch.randint(0, 256, (B, T), generator=g)
-y = torch.randint(0, 256, (B, T), generator=g)
+if ckpt:  # text the model was trained on: windows of the default corpus, so that y is as sparse as in training
+    from bdh.data import load_corpus
+    data = torch.tensor(list(load_corpus("shakespeare").train[:200_000].encode()), dtype=torch.long)
+    starts = torch.randint(0, len(data) - T - 1, (B,), generator=g)
+    x = torch.stack([data[s:s + T] for s in starts]); y = torch.stack([data[s + 1:s + T + 1] for s in starts])
+else:
+    x = torch.randint(0, 256, (B, T), generator=g)
+    y = torch.randint(0, 256, (B, T), generator=g)
+
 losses = []
 def step():
     out = model(x, y, return_state=False).loss if form == "bdh" else model(x, y)[1]
@@ -48,13 +65,19 @@ step()
 times = []
 for _ in range(repeats):
     t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
-print(json.dumps({"times": times, "loss": losses[0], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+density = []  # of y over the layers, after the timed steps (the op-by-op forward that shows it is not timed)
+if form == "bdh":
+    with torch.no_grad(), model.capture(lambda site, layer, t: site == "y" and density.append((t != 0).float().mean().item())):
+        model(x)
+print(json.dumps({"times": times, "loss": losses[0], "peak_rss_bytes": peak,
+                  "y_density": round(sum(density) / len(density), 4) if density else None}))
 """
 
 
-def run(form: str, preset: str, T: int, B: int, p: float, repeats: int) -> dict:
+def run(form: str, preset: str, T: int, B: int, p: float, repeats: int, ckpt: str = "") -> dict:
     here = str(Path(__file__).resolve().parent)
-    cmd = [sys.executable, "-c", WORKER, form, preset, str(T), str(B), str(p), here, str(repeats)]
+    cmd = [sys.executable, "-c", WORKER, form, preset, str(T), str(B), str(p), here, str(repeats), ckpt]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
@@ -63,7 +86,7 @@ def run(form: str, preset: str, T: int, B: int, p: float, repeats: int) -> dict:
         return r
     t = median(r["times"])
     return {"tokens_per_s": round(B * T / t, 1), "step_s": round(t, 4), "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20),
-            "first_loss": r["loss"]}
+            "first_loss": r["loss"], "y_density": r["y_density"]}
 
 
 def main(argv=None) -> int:
@@ -73,16 +96,21 @@ def main(argv=None) -> int:
     p.add_argument("--tokens-per-step", type=int, default=2048, help="batch size = this / T (at least 1)")
     p.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--ckpt", default="", help="start both forms from this trained checkpoint (its config; --preset "
+                   "is then ignored) and feed them windows of the default corpus, so that y is as sparse as in "
+                   "training")
     add_out_args(p)
     args = p.parse_args(argv)
     check_out(args)
     rows = []
     for T in args.seq:
         B = max(1, args.tokens_per_step // T)
-        plan = run("plan", args.preset, T, B, 0.0, 0).get("plan")  # bdh.ops.plan: measured once, then cached
+        plan = run("plan", args.preset, T, B, 0.0, 0, args.ckpt)  # bdh.ops.plan: measured once, then cached
         for dropout in args.dropout:
-            forms = {form: run(form, args.preset, T, B, dropout, args.repeats) for form in ("bdh", "authors")}
-            row = {"preset": args.preset, "T": T, "batch": B, "dropout": dropout, "engine": plan, "forms": forms}
+            forms = {form: run(form, args.preset, T, B, dropout, args.repeats, args.ckpt) for form in ("bdh", "authors")}
+            row = {"preset": args.preset, "ckpt": args.ckpt or None, "T": T, "batch": B, "dropout": dropout,
+                   "engine": plan.get("plan"), "sparse_readout_below": plan.get("sparse_below"),
+                   "y_density": forms["bdh"].get("y_density"), "forms": forms}
             ours, theirs = forms["bdh"], forms["authors"]
             if "tokens_per_s" in ours and "tokens_per_s" in theirs:
                 row["speedup"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)

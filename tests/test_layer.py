@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from bdh.ops import apply_rope_complex, naive_attention, rope_freqs, rope_rotors
 from bdh.ops import layer
 from bdh.ops.layer import SCRATCH, fused_layer, norm
+from bdh.ops.sparse import SparseY
 
 B, NH, N, D = 2, 2, 16, 8
 DECAY = torch.tensor([0.9, 0.7], dtype=torch.float64)
@@ -82,6 +83,36 @@ def test_row_blocked_direct_form_matches_op_by_op(T, block, decay, keep, scores,
     zero = torch.zeros(1, dtype=z.dtype)
     for g, g_ref in zip(grads_of(z, zero, leaves), grads_of(z_ref, zero, leaves)):
         assert rel_err(g, g_ref) < 1e-11
+
+
+@pytest.mark.parametrize("T, C, block", [(12, 4, None), (12, None, 4)], ids=["chunked", "direct"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)
+def test_sparse_readout_path_matches_op_by_op(T, C, block, p, keep, monkeypatch):
+    """sparse_below above y's density: the read-out runs on y's non-zeros (bdh.ops.sparse), same results."""
+    monkeypatch.setattr(layer, "kept", lambda big, size: keep)
+    v, Dx, Dy, E, rotors, _ = make(T, False)
+    leaves = [v, Dx, Dy, E]
+    need_state = block is None
+    used = []
+    monkeypatch.setattr(layer, "SparseY", lambda y: used.append(y) or SparseY(y))
+    torch.manual_seed(7)
+    z, state = fused_layer(v, Dx, Dy, E, rotors, None, DECAY, C, True, p, need_state, block, sparse_below=1.01)
+    torch.manual_seed(7)
+    keep_scale = (torch.rand(B, NH, T, N, dtype=torch.float64) >= p).double() / (1 - p) if p else None
+    z_ref, state_ref = reference_layer(v, Dx, Dy, E, rotors, None, DECAY, True, keep_scale)
+    assert len(used) == 1 and 0 < (used[0] == 0).double().mean() < 1  # the sparse path ran, on a sparse y
+    assert rel_err(z, z_ref) < 1e-12
+    if not need_state:
+        state = state_ref = torch.zeros(1, dtype=z.dtype)
+    for g, g_ref in zip(grads_of(z, state, leaves), grads_of(z_ref, state_ref, leaves)):
+        assert rel_err(g, g_ref) < 1e-11
+
+
+def test_dense_readout_where_y_is_denser_than_sparse_below(monkeypatch):
+    monkeypatch.setattr(layer, "SparseY", lambda y: pytest.fail("sparse path taken"))
+    v, Dx, Dy, E, rotors, _ = make(12, False)
+    fused_layer(v, Dx, Dy, E, rotors, chunk_size=4, sparse_below=0.01)[0].sum().backward()
 
 
 @pytest.mark.parametrize("bad", [dict(chunk_size=4), dict(need_state=True), dict(block=5)])

@@ -11,9 +11,9 @@ from bdh import BDH, BDHConfig
 
 @pytest.fixture(autouse=True)
 def _fresh_memo():
-    plan_mod._cached.cache_clear()
+    plan_mod._memo.clear()
     yield
-    plan_mod._cached.cache_clear()
+    plan_mod._memo.clear()
 
 
 def test_states_allow_only_the_chunked_form():
@@ -55,7 +55,7 @@ def test_calibration_times_the_cheapest_candidates_once_and_caches_them(monkeypa
     table = read_json(cache_root() / CACHE_FILE)
     (key, entry), = table.items()
     assert "B2 T128 nh2 N16 D8 states0" in key and entry["plan"] == str(chosen)
-    plan_mod._cached.cache_clear()  # a new process: the file answers, nothing is timed
+    plan_mod._memo.clear()  # a new process: the file answers, nothing is timed
     monkeypatch.setattr(plan_mod, "measure", lambda *a: pytest.fail("timed again"))
     assert plan_for(2, 128, 2, 16, 8, False, like) == chosen
 

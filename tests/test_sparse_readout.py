@@ -1,38 +1,50 @@
-"""bdh.ops.sparse: the read-out with y held sparse, against the dense read-out and autograd."""
+"""bdh.ops.sparse: the read-out with y held sparse, against its dense rendering under autograd."""
 
 import pytest
 import torch
 
-from bdh.ops.sparse import dense_readout, rows, sparse_readout, sparse_readout_backward
+from bdh.ops.sparse import SparseY, sparse_readout, sparse_readout_backward
+
+B, NH, T, N, D = 2, 3, 5, 8, 4
 
 
-def sparse_y(density, B=2, nh=3, T=5, N=8, seed=0):
+def readout_inputs(x_density, p, seed=0):
+    """x, a_hat, Dy, E, the dropout multiplier, dz: float64, x and the mask sparse."""
     g = torch.Generator().manual_seed(seed)
-    y = torch.rand(B, nh, T, N, generator=g, dtype=torch.float64)
-    return y * (torch.rand(y.shape, generator=g, dtype=torch.float64) < density)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = rand(B, NH, T, N).relu() * (torch.rand(B, NH, T, N, generator=g, dtype=torch.float64) < x_density)
+    keep = (torch.rand(B, NH, T, N, generator=g, dtype=torch.float64) >= p).double() / (1 - p)
+    return x, rand(B, NH, T, D), rand(NH, D, N), rand(NH, N, D), keep, rand(B, T, D)
 
 
-@pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 1.0])
-def test_sparse_readout_and_its_backward_equal_the_dense_ones(density):
-    y = sparse_y(density).requires_grad_()
-    g = torch.Generator().manual_seed(1)
-    E = torch.randn(3, 8, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    dz = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
-    z_dense = dense_readout(y, E)
-    dy_dense, dE_dense = torch.autograd.grad(z_dense, (y, E), dz)
-
-    Y = rows(y.detach())
-    z = sparse_readout(Y, E.detach(), B=2)
-    dE, dy = sparse_readout_backward(Y, E.detach(), dz)
-    assert torch.allclose(z, z_dense, rtol=0, atol=1e-12)
-    assert torch.allclose(dE, dE_dense, rtol=0, atol=1e-12)
-    # dy is kept where y is non-zero, and there equals the dense gradient
-    mask = rows(y.detach()).to_dense() != 0
-    dense_rows = dy_dense.permute(0, 2, 1, 3).reshape(10, 24)
-    assert torch.equal(dy.to_dense() != 0, mask & (dense_rows != 0))
-    assert torch.allclose(dy.to_dense(), dense_rows * mask, rtol=0, atol=1e-12)
+def dense(x, a_hat, Dy, E, keep):
+    """The read-out as the paper writes it: y = relu(LN(a) D_y) * x (dropped), z = sum_h y_h E_h."""
+    y = torch.relu(a_hat @ Dy) * x * keep  # B, nh, T, N
+    return y, torch.einsum("bhtn,hnd->btd", y, E)
 
 
-def test_rows_put_heads_side_by_side_like_the_decoder():
-    y = sparse_y(1.0, B=1, nh=2, T=1, N=3)
-    assert torch.equal(rows(y).to_dense()[0], torch.cat([y[0, 0, 0], y[0, 1, 0]]))
+@pytest.mark.parametrize("x_density, p", [(0.0, 0.0), (0.1, 0.0), (0.5, 0.0), (1.0, 0.0), (0.5, 0.25)])
+def test_sparse_readout_and_its_backward_equal_the_dense_ones(x_density, p):
+    x, a_hat, Dy, E, keep, dz = readout_inputs(x_density, p)
+    leaves = [t.clone().requires_grad_() for t in (x, a_hat, Dy, E)]
+    y, z_dense = dense(*leaves, keep)
+    dx_ref, da_ref, dDy_ref, dE_ref = torch.autograd.grad(z_dense, leaves, dz)
+
+    sy = SparseY(y.detach())
+    assert sy.density() == (y != 0).double().mean().item()
+    z = sparse_readout(sy, E)
+    dz_heads = dz.unsqueeze(1).expand(B, NH, T, D).contiguous()
+    dE, dDy, da, dx = sparse_readout_backward(sy, E, Dy, x, a_hat, dz_heads, 1 / (1 - p))
+    for got, want in ((z, z_dense), (dE, dE_ref), (dDy, dDy_ref), (da, da_ref)):
+        assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    # dx here is the read-out's share, dy * g; autograd's also has dy * g where x = 0 (g > 0), which the
+    # layer's [x > 0] mask removes: compare on x's support
+    assert torch.allclose(dx, dx_ref * (x > 0), rtol=0, atol=1e-12)
+    assert torch.equal(dx != 0, (dx_ref * (x > 0) != 0))
+
+
+def test_heads_sit_side_by_side_in_the_csr_matrix():
+    y = torch.zeros(1, 2, 1, 3)
+    y[0, 1, 0, 2] = 5.0  # head 1, neuron 2 -> column 1 * 3 + 2
+    dense = SparseY(y).Y.to_dense()
+    assert dense.shape == (2, 6) and dense[1, 5] == 5.0 and dense.abs().sum() == 5.0

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from bdh.ops.chunked import Weights, attend, attend_backward, attend_direct, attend_direct_backward, uses_states
 from bdh.ops.rope import apply_rope_complex, rotate_, unrotate_
+from bdh.ops.sparse import SparseY, sparse_readout, sparse_readout_backward
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -39,14 +40,15 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, layernorm=True, dropout=0.0,
-                need_state=False, block=None):
+                need_state=False, block=None, sparse_below=0.0):
     """z (B, T, D) and the final state (B, nh, N, D) or None, as the op-by-op layer computes them.
 
     v: (B, T, D); Dx, Dy: (nh, D, N); E: (nh, N, D); rotors: (1 | B, nh, T, N/2) complex;
     s0: (B, nh, N, D) or None; decay: (nh,) or None; chunk_size must divide T (None: T, the
     quadratic form); dropout: probability of dropping each y entry (0 when not training);
     block: the quadratic form in row blocks of this length (bdh.ops.plan: direct/b), which needs
-    chunk_size T (or None), no s0 and need_state False.
+    chunk_size T (or None), no s0 and need_state False; sparse_below: where fewer than this share
+    of y's entries are non-zero, the read-out and its backward skip the zeros (bdh.ops.sparse).
     """
     T = v.shape[1]
     C = chunk_size or T
@@ -54,12 +56,12 @@ def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, laye
         raise ValueError(f"fused_layer needs the chunk size ({C}) to divide the sequence length ({T})")
     if block is not None and (C != T or s0 is not None or need_state or T % block):
         raise ValueError(f"fused_layer's row blocks ({block}) need one chunk of T ({T}) that they divide, no states")
-    return FusedLayer.apply(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, dropout, need_state, block)
+    return FusedLayer.apply(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, dropout, need_state, block, sparse_below)
 
 
 class FusedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, Dx, Dy, E, rotors, s0, lam, C, layernorm, p, need_state, block):
+    def forward(ctx, v, Dx, Dy, E, rotors, s0, lam, C, layernorm, p, need_state, block, sparse_below):
         B, T, D = v.shape
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
@@ -82,7 +84,8 @@ class FusedLayer(torch.autograd.Function):
             scale = dropout_scale(y, p)
             y.mul_(scale)
             keep = scale != 0  # bool: a quarter of the memory
-        z = per_head(y, E).sum(dim=1)  # B, T, D
+        ctx.sy = SparseY(y) if sparse_below > 0 and y.count_nonzero().item() < sparse_below * y.numel() else None
+        z = sparse_readout(ctx.sy, E) if ctx.sy is not None else per_head(y, E).sum(dim=1)  # B, T, D
         ctx.save_for_backward(v, Dx, Dy, E, rotors, a, s0, keep, lam, x if keep_x else None, g if keep_g else None)
         ctx.C, ctx.block, ctx.layernorm, ctx.p = C, block, layernorm, p
         ctx.has_states = uses_states(T, C, s0, need_state)
@@ -94,28 +97,19 @@ class FusedLayer(torch.autograd.Function):
         B, T, D = v.shape
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
-        scale = None if keep is None else keep.to(v.dtype).div_(1 - ctx.p)
         v_heads, dz_heads = _heads(v, nh), _heads(dz, nh)  # B, nh, T, D
         a_hat, norm_backward = _norm_with_backward(a, ctx.layernorm)
-        # the read-out: x and g (unless kept) and y made again into three buffers, which then hold dg, dx, dy
-        x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v))  # B, nh, T, N
-        g = kept_g if kept_g is not None else per_head(a_hat, Dy, out=SCRATCH.get(1, big, v)).relu_()
-        y = torch.mul(g, x, out=SCRATCH.get(2, big, v))
-        if scale is not None:
-            y.mul_(scale)
-        dE = weight_grad(y, dz_heads)  # nh, N, D
-        dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent
-        if scale is not None:
-            dy.mul_(scale)
-        # dy * x into x's memory when x was made again (it is made again below), else a buffer
-        dg = torch.mul(dy, x, out=SCRATCH.get(0, big, v) if kept_x is not None else x)
-        dg = relu_backward_(dg, g)
-        dx = torch.mul(g, dy, out=SCRATCH.get(1, big, v))  # the gating's share of dx (into g's memory if made)
-        dDy = weight_grad(a_hat, dg)  # nh, D, N
-        da = norm_backward(per_head(dg, Dy.transpose(-1, -2)))  # B, nh, T, D
-        # the attention: dq (+ dk) is accumulated onto the rotated dx, then all of it rotated back
-        x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=dg)
-        q = apply_rope_complex(x, rotors, out=dy)
+        sy, ctx.sy = ctx.sy, None
+        if sy is not None:  # the read-out on y's non-zeros only
+            x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v))  # B, nh, T, N
+            dE, dDy, da, dx = sparse_readout_backward(sy, E, Dy, x, a_hat, dz_heads, 1 / (1 - ctx.p),
+                                                      out=SCRATCH.get(1, big, v))
+            da = norm_backward(da)
+            q = apply_rope_complex(x, rotors, out=SCRATCH.get(2, big, v))
+        else:
+            scale = None if keep is None else keep.to(v.dtype).div_(1 - ctx.p)
+            x, q, dx, dE, dDy, da = _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward,
+                                                            dz_heads, scale, kept_x, kept_g)
         w = Weights(lam, ctx.C, q.dtype)
         dq_into = rotate_(dx, _unrotation_inverse(rotors, dx))
         if ctx.block:
@@ -129,7 +123,34 @@ class FusedLayer(torch.autograd.Function):
         dDx = weight_grad(v_heads, dx)  # nh, D, N
         dv = per_head(dx, Dx.transpose(-1, -2)).sum(dim=1) + dv_heads.sum(dim=1)  # B, T, D
         d_s0 = d_s0 if ctx.needs_input_grad[5] else None
-        return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None, None
+        return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None, None, None
+
+
+def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz_heads, scale, kept_x, kept_g):
+    """The read-out's backward on every entry: x, q, dx (the gating's share), dE, dD_y, da.
+
+    x and g (unless kept) and y are made again into three buffers, which then hold dg, dx, dy.
+    """
+    B, nh, T, _ = v_heads.shape
+    big = (B, nh, T, Dx.shape[-1])
+    x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v_heads))  # B, nh, T, N
+    g = kept_g if kept_g is not None else per_head(a_hat, Dy, out=SCRATCH.get(1, big, v_heads)).relu_()
+    y = torch.mul(g, x, out=SCRATCH.get(2, big, v_heads))
+    if scale is not None:
+        y.mul_(scale)
+    dE = weight_grad(y, dz_heads)  # nh, N, D
+    dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent
+    if scale is not None:
+        dy.mul_(scale)
+    # dy * x into x's memory when x was made again (it is made again below), else a buffer
+    dg = torch.mul(dy, x, out=SCRATCH.get(0, big, v_heads) if kept_x is not None else x)
+    dg = relu_backward_(dg, g)
+    dx = torch.mul(g, dy, out=SCRATCH.get(1, big, v_heads))  # the gating's share of dx (into g's memory if made)
+    dDy = weight_grad(a_hat, dg)  # nh, D, N
+    da = norm_backward(per_head(dg, Dy.transpose(-1, -2)))  # B, nh, T, D
+    x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=dg)
+    q = apply_rope_complex(x, rotors, out=dy)
+    return x, q, dx, dE, dDy, da
 
 
 def dropout_scale(y: torch.Tensor, p: float) -> torch.Tensor:

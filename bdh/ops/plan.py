@@ -27,14 +27,14 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from bdh.fileio import cache_root, read_json, write_json
 from bdh.ops.chunked import Weights, attend, attend_backward, attend_direct, attend_direct_backward
-from bdh.ops.layer import keeps_scores
+from bdh.ops.layer import keeps_scores, per_head, relu_backward_, weight_grad
+from bdh.ops.sparse import SparseY, sparse_readout, sparse_readout_backward
 
 BLOCKS = (32, 64, 128, 256)  # row blocks of the direct form, and chunk lengths of the chunked form
 CALIBRATE_FROM = 1 << 22  # B * nh * T * N at which a shape is worth timing (~0.1 s of attention)
@@ -73,25 +73,73 @@ def counted_cost(plan: Plan, T: int, N: int, D: int) -> float:
     return 3 * C * (N + D) + 7 * N * D * (T - C) / T
 
 
+def calibrating(B: int, nh: int, T: int, N: int) -> bool:
+    """Whether shapes like this are timed: big enough, and BDH_CALIBRATE is not 0."""
+    return B * nh * T * N >= CALIBRATE_FROM and os.environ.get(CALIBRATE_ENV, "1") != "0"
+
+
 def plan_for(B: int, T: int, nh: int, N: int, D: int, states: bool, like: torch.Tensor) -> Plan:
     """The plan for this shape: from the machine's cache, measured now, or by the count alone."""
     ranked = sorted(candidates(T, states), key=lambda p: counted_cost(p, T, N, D))
-    if len(ranked) == 1 or B * nh * T * N < CALIBRATE_FROM or os.environ.get(CALIBRATE_ENV, "1") == "0":
+    if len(ranked) == 1 or not calibrating(B, nh, T, N):
         return ranked[0]
-    key = f"{machine_key(like.device)} {like.dtype} B{B} T{T} nh{nh} N{N} D{D} states{int(states)}"
-    return Plan.parse(_cached(key, tuple(ranked[:TIMED]), B, nh, T, N, D, like.device, like.dtype), T)
+    shape = (B, nh, T, N, D, like.device, like.dtype)
+    key = f"{_shape_key(*shape)} states{int(states)}"
+    entry = _cached(key, lambda: _fastest({str(p): measure(p, *shape) for p in ranked[:TIMED]}))
+    return Plan.parse(entry["plan"], T)
 
 
-@lru_cache(maxsize=None)
-def _cached(key, ranked, B, nh, T, N, D, device, dtype) -> str:
+def sparse_below(B: int, T: int, nh: int, N: int, D: int, like: torch.Tensor) -> float:
+    """The density of y under which the fused layer's read-out runs sparse (bdh.ops.sparse), 0 for never.
+
+    Measured once per machine and shape: the dense and the sparse read-out (forward and backward) at
+    each of DENSITIES; the answer is the highest density up to which the sparse one was faster at
+    every density tried. Uncalibrated shapes (small ones, BDH_CALIBRATE=0) never run sparse.
+    """
+    if not calibrating(B, nh, T, N) or like.device.type != "cpu":
+        return 0.0
+    shape = (B, nh, T, N, D, like.device, like.dtype)
+    return _cached(f"{_shape_key(*shape)} sparse-readout", lambda: _crossover(shape))["below"]
+
+
+DENSITIES = (0.02, 0.05, 0.1, 0.2)
+
+
+def _crossover(shape) -> dict:
+    seconds = {str(d): measure_readout(*shape, density=d) for d in DENSITIES}
+    below = 0.0
+    for d in DENSITIES:
+        dense_s, sparse_s = seconds[str(d)]
+        if sparse_s >= dense_s:
+            break
+        below = d
+    return {"below": below, "seconds_dense_sparse": seconds}
+
+
+def _fastest(timings: dict) -> dict:
+    return {"plan": min(timings, key=timings.get), "seconds": timings}
+
+
+def _shape_key(B, nh, T, N, D, device, dtype) -> str:
+    return f"{machine_key(device)} {dtype} B{B} T{T} nh{nh} N{N} D{D}"
+
+
+_memo: dict[str, dict] = {}
+
+
+def _cached(key: str, calibrate) -> dict:
+    """The cache file's entry for key, made by calibrate() (and written) when it has none."""
+    if key in _memo:
+        return _memo[key]
     path = cache_root() / CACHE_FILE
     table = _read_table(path)
     if key not in table:
-        timings = {str(p): measure(p, B, nh, T, N, D, device, dtype) for p in ranked}
+        entry = calibrate()
         table = _read_table(path)  # another process may have written meanwhile
-        table[key] = {"plan": min(timings, key=timings.get), "seconds": timings}
+        table[key] = entry
         write_json(path, table)
-    return table[key]["plan"]
+    _memo[key] = table[key]
+    return _memo[key]
 
 
 def _read_table(path: Path) -> dict:
@@ -120,6 +168,43 @@ def measure(plan: Plan, B, nh, T, N, D, device, dtype, repeats: int = 2) -> floa
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    return _best_of(run, repeats)
+
+
+def readout_inputs(B, nh, T, N, D, device, dtype, density, seed=0):
+    """x, LN(a), D_y, E and dz per head such that y = relu(LN(a) D_y) * x has about `density` non-zeros."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g)  # noqa: E731
+    uniform = lambda *s: torch.rand(*s, device=device, dtype=dtype, generator=g)  # noqa: E731
+    x = uniform(B, nh, T, N) * (uniform(B, nh, T, N) < 2 * density)  # relu(LN(a) D_y) > 0 about half the time
+    dz_heads = rand(B, 1, T, D).expand(B, nh, T, D).contiguous()
+    return x, rand(B, nh, T, D), rand(nh, D, N) / D**0.5, rand(nh, N, D) / N**0.5, dz_heads
+
+
+def dense_readout(x, a_hat, Dy, E, dz_heads):
+    """The fused layer's dense read-out, forward and backward (bdh.ops.layer: g made again in backward),
+    for timing against sparse_readout_pass."""
+    z = per_head(per_head(a_hat, Dy).relu_().mul_(x), E).sum(dim=1)  # forward
+    g = per_head(a_hat, Dy).relu_()  # backward
+    dE = weight_grad(g * x, dz_heads)
+    dy = per_head(dz_heads, E.transpose(-1, -2))
+    dg = relu_backward_(dy * x, g)
+    return z, dE, weight_grad(a_hat, dg), per_head(dg, Dy.transpose(-1, -2)), g.mul_(dy)
+
+
+def sparse_readout_pass(x, a_hat, Dy, E, dz_heads):
+    """The same with y held sparse (bdh.ops.sparse), building the CSR matrix included."""
+    sy = SparseY(torch.relu(per_head(a_hat, Dy)).mul_(x))
+    return (sparse_readout(sy, E), *sparse_readout_backward(sy, E, Dy, x, a_hat, dz_heads, 1.0))
+
+
+def measure_readout(B, nh, T, N, D, device, dtype, density: float, repeats: int = 2) -> tuple[float, float]:
+    """Best-of-repeats seconds of the dense and of the sparse read-out at this density of y."""
+    args = readout_inputs(B, nh, T, N, D, device, dtype, density)
+    return tuple(_best_of(lambda: fn(*args), repeats) for fn in (dense_readout, sparse_readout_pass))
+
+
+def _best_of(run, repeats: int) -> float:
     run()
     best = float("inf")
     for _ in range(repeats):

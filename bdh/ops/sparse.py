@@ -1,18 +1,27 @@
-"""The read-out z = sum_h y_h E_h and its backward with y held sparse (CSR), exactly.
+"""The fused layer's read-out with y held sparse (CSR), forward and backward, exactly.
 
-y = relu(LN(a) D_y) * x is sparse after training (4-6 % non-zero in the trained small model;
-about 25 % at initialisation). The three products of the read-out that touch y can skip its
-zeros exactly:
+y = relu(LN(a) D_y) * x (times the dropout scale) is sparse after training (4-6 % non-zero in
+the trained small model; about 25 % at initialisation). Every product of the read-out that
+touches y, or a gradient with y's pattern, can skip its zeros:
 
-    z  = Y E                 (B T, nh N) @ (nh N, D)       sparse @ dense
-    dE = Y^T dz              (nh N, B T) @ (B T, D)        sparse^T @ dense
-    dy = (dz E^T) at Y's non-zeros                         sampled dense-dense product
+    z     = sum_h y_h E_h                      sparse @ dense
+    dE_h  = y_h^T dz                           sparse^T @ dense
+    dy    = dz E_h^T, at y's non-zeros only    sampled dense-dense product (SDDMM)
+    g     = relu(LN(a) D_y), at y's non-zeros  SDDMM (for dx below)
+    dg'   = dy x                                on y's pattern (g > 0 there)
+    dD_y  = LN(a)^T dg'                        sparse^T @ dense
+    da    = dg' D_y^T                          sparse @ dense (then the LayerNorm backward)
+    dx    = dy g  (+ the attention's share)    scattered into the dense dx
 
-with Y the (B T, nh N) matrix of y (heads side by side, as E stacks them). The rest of the
-backward only reads dy where y is non-zero (dg = dy * x * [g > 0] and dy * g both vanish
-elsewhere), so the sampled dy loses nothing. `dense_readout` is the twin these are tested
-against. Whether the sparse form is faster depends on the density and on the machine:
-benchmarks/sparse_readout.py measures where it pays (benchmarks/README.md).
+Nothing is lost by sampling dy: dg' = dy * x * [g > 0] and dy * g * [x > 0] vanish wherever y does
+(x = 0, g = 0 or a dropped entry). The rows of the CSR matrix are y's own (b, h, t) rows, and
+row (b, h, t) keeps its non-zeros in columns h N .. (h + 1) N: then the per-head weights stacked
+as (nh N, D) serve every head in one product, and the weight gradients come out per head.
+
+Whether this is faster than the dense products depends on the density and the machine:
+bdh.ops.plan measures the crossover once per machine and shape (sparse_below), and
+benchmarks/sparse_readout.py reports it. The dense form (bdh.ops.layer) is the twin these
+are tested against (tests/test_sparse_readout.py).
 """
 
 from __future__ import annotations
@@ -22,29 +31,62 @@ import warnings
 import torch
 
 
-def rows(y: torch.Tensor) -> torch.Tensor:
-    """y (B, nh, T, N) -> Y (B T, nh N) as a CSR matrix (heads side by side, like E's rows)."""
-    B, nh, T, N = y.shape
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": said once per process, not useful here
-        warnings.simplefilter("ignore", UserWarning)
-        return y.permute(0, 2, 1, 3).reshape(B * T, nh * N).to_sparse_csr()
+class SparseY:
+    """y (B, nh, T, N) as a CSR matrix (B nh T, nh N), and where its non-zeros sit in y's own layout."""
+
+    def __init__(self, y: torch.Tensor):
+        B, nh, T, N = y.shape
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": said once per process, not useful here
+            warnings.simplefilter("ignore", UserWarning)
+            csr = y.reshape(B * nh * T, N).to_sparse_csr()
+        crow, col = csr.crow_indices(), csr.col_indices()
+        rows = torch.repeat_interleave(torch.arange(B * nh * T, device=y.device), crow.diff())  # nnz
+        self.shape, self.crow = (B, nh, T, N), crow
+        self.flat = rows * N + col  # nnz: positions in y.view(-1)
+        self.wide_col = col + (rows // T % nh) * N  # nnz: column in the heads-side-by-side matrix
+        self.Y = self.matrix(csr.values())
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """A CSR (B nh T, nh N) with y's pattern and these values."""
+        B, nh, T, N = self.shape
+        return torch.sparse_csr_tensor(self.crow, self.wide_col, values, size=(B * nh * T, nh * N),
+                                       check_invariants=False)
+
+    def density(self) -> float:
+        return self.flat.numel() / max(1, self.Y.shape[0] * self.shape[-1])
 
 
-def sparse_readout(Y: torch.Tensor, E: torch.Tensor, B: int) -> torch.Tensor:
-    """z (B, T, D) = Y E; Y from rows(y), E (nh, N, D)."""
-    nh, N, D = E.shape
-    return (Y @ E.reshape(nh * N, D)).view(B, -1, D)
+def stacked(W: torch.Tensor) -> torch.Tensor:
+    """Per-head weights (nh, N, D) -> (nh N, D): head h's rows at h N .. (h + 1) N."""
+    return W.reshape(-1, W.shape[-1])
 
 
-def sparse_readout_backward(Y: torch.Tensor, E: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """dE (nh, N, D) = Y^T dz, and dy on Y's non-zeros only: a CSR (B T, nh N) with Y's pattern."""
-    nh, N, D = E.shape
-    dz_rows = dz.reshape(-1, D)  # B T, D
-    dE = (Y.t() @ dz_rows).view(nh, N, D)
-    dy = torch.sparse.sampled_addmm(Y, dz_rows, E.reshape(nh * N, D).t(), beta=0.0)
-    return dE, dy
+def sparse_readout(sy: SparseY, E: torch.Tensor) -> torch.Tensor:
+    """z (B, T, D) = sum_h y_h E_h; E (nh, N, D)."""
+    B, nh, T, _ = sy.shape
+    return (sy.Y @ stacked(E)).view(B, nh, T, -1).sum(dim=1)
 
 
-def dense_readout(y: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-    """The dense twin: z (B, T, D) = sum_h y_h E_h, y (B, nh, T, N)."""
-    return torch.einsum("bhtn,hnd->btd", y, E)
+def sparse_readout_backward(sy: SparseY, E, Dy, x, a_hat, dz_heads, scale: float, out=None):
+    """dE (nh, N, D), dD_y (nh, D, N), d a_hat (B, nh, T, D) and dy * g (B, nh, T, N, dense; zero off y's
+    pattern), for y = relu(a_hat D_y) * x * dropout; scale: the dropout scale 1 / (1 - p) of kept entries.
+
+    x: (B, nh, T, N); a_hat: (B, nh, T, D), LN(a) or a; dz_heads: (B, nh, T, D), dz per head;
+    out: a contiguous tensor like x to write dy * g into.
+    """
+    B, nh, T, N = sy.shape
+    D = dz_heads.shape[-1]
+    dz_rows, a_rows = dz_heads.reshape(-1, D), a_hat.reshape(-1, D)  # B nh T, D
+    dE = (sy.Y.t() @ dz_rows).view(nh, N, D)
+    E_wide = stacked(E).t()  # D, nh N
+    Dy_wide = Dy.transpose(0, 1).reshape(D, nh * N)  # D, nh N: head h's D_y in columns h N ..
+    dy = torch.sparse.sampled_addmm(sy.Y, dz_rows, E_wide, beta=0.0).values()  # nnz
+    if scale != 1.0:
+        dy = dy * scale
+    g = torch.sparse.sampled_addmm(sy.Y, a_rows, Dy_wide, beta=0.0).values().relu_()  # nnz, > 0 on y's pattern
+    dg = sy.matrix(dy * x.reshape(-1)[sy.flat])
+    dDy = (dg.t() @ a_rows).view(nh, N, D).transpose(1, 2)  # nh, D, N
+    da = (dg @ stacked(Dy.transpose(1, 2))).view(B, nh, T, D)
+    dx = x.new_zeros(B, nh, T, N) if out is None else out.zero_()
+    dx.view(-1)[sy.flat] = dy * g
+    return dE, dDy, da, dx
