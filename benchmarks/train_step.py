@@ -71,7 +71,7 @@ def fused_flops_per_token(cfg, T: int, B: int) -> float | None:
     """FLOPs per token the fused layer executes (forward + backward), or None where it does not run."""
     import torch
 
-    from bdh.ops.layer import kept
+    from bdh.ops.layer import kept, keeps_scores
     from bdh.ops.plan import Plan, counted_cost, plan_for
 
     n, D, L, nh, V, N = cfg.n_neurons, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.neurons_per_head
@@ -84,7 +84,17 @@ def fused_flops_per_token(cfg, T: int, B: int) -> float | None:
     keep_x, keep_g = kept((B, nh, T, N), 4)
     forward = L * 3 * n * D + D * V
     backward = L * (6 + (not keep_g) + 2 * (not keep_x)) * n * D + 2 * D * V
-    return 2 * (forward + backward + L * nh * counted_cost(plan, T, N, D))
+    attention = counted_cost(plan, T, N, D)
+    if plan.block and keeps_scores(B, nh, T, plan.block, 4):
+        attention -= (T + plan.block) / 2 * N  # the scores are not made again in backward
+    return 2 * (forward + backward + L * nh * attention)
+
+
+def authors_flops_per_token(cfg, T: int) -> float:
+    """FLOPs per token of the authors' form (forward + backward): nine n D products per layer and the
+    full T x T scores and weighted sums, three times (forward, and two products each backward)."""
+    n, D, L, nh, V, N = cfg.n_neurons, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.neurons_per_head
+    return 2 * (L * (9 * n * D + 3 * T * (N + D) * nh) + 3 * D * V)
 
 
 def run_worker(preset, T, B, impl, repeats, compile_=False) -> dict:

@@ -4,9 +4,14 @@ Same config and weights, one forward + backward + AdamW step, median of --repeat
 untimed step, each (form, T, dropout) in a fresh process so that its peak RSS is its own. The
 batch is --tokens-per-step / T sequences of T tokens. The JSON records the CPU model and whether
 it has AVX-512 and AVX2 (benchmarks/common.py), the ratios of tokens/s and of peak memory, and
-the first-step losses (equal to ~1e-5 at dropout 0: the same computation).
+the first-step losses (equal to ~1e-5 at dropout 0: the same computation), the multiply-adds each
+form executes per step by count (train_step.py: fused_flops_per_token, authors_flops_per_token),
+the fused layer's plan and sparse read-out crossover (bdh.ops.plan, calibrated in a process of
+its own first), and y's density. With --ckpt both forms start from trained weights and read
+windows of the default corpus, where y is as sparse as in training.
 
     python benchmarks/vs_authors.py --preset small --seq 128 512 2048 --dropout 0 0.1
+    python benchmarks/vs_authors.py --ckpt runs/small --seq 128 512 2048 --dropout 0 0.1
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ import sys
 from pathlib import Path
 
 from common import add_out_args, check_out, emit, median
+from train_step import authors_flops_per_token, fused_flops_per_token
+
+from bdh import BDHConfig
+from bdh.checkpoint import read_model_config
+from bdh.rundir import resolve_checkpoint
 
 WORKER = r"""
 import json, resource, sys, time, torch
@@ -102,6 +112,7 @@ def main(argv=None) -> int:
     add_out_args(p)
     args = p.parse_args(argv)
     check_out(args)
+    cfg = read_model_config(resolve_checkpoint(args.ckpt))[1] if args.ckpt else BDHConfig.from_name(args.preset)
     rows = []
     for T in args.seq:
         B = max(1, args.tokens_per_step // T)
@@ -112,6 +123,8 @@ def main(argv=None) -> int:
                    "engine": plan.get("plan"), "sparse_readout_below": plan.get("sparse_below"),
                    "y_density": forms["bdh"].get("y_density"), "forms": forms}
             ours, theirs = forms["bdh"], forms["authors"]
+            row["counted_gflop_per_step"] = {"bdh": round(fused_flops_per_token(cfg, T, B) * B * T / 1e9, 2),
+                                             "authors": round(authors_flops_per_token(cfg, T) * B * T / 1e9, 2)}
             if "tokens_per_s" in ours and "tokens_per_s" in theirs:
                 row["speedup"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)
                 row["memory_ratio"] = round(ours["peak_rss_mib"] / theirs["peak_rss_mib"], 2)
