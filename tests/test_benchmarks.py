@@ -1,13 +1,15 @@
 """The benchmark scripts run end to end at tiny sizes and write what their README reads (no timing asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
 
 CASES = {
     "vs_authors": ["--preset", "tiny", "--seq", "16", "--tokens-per-step", "32", "--dropout", "0", "0.1",
@@ -21,8 +23,9 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_benchmark_runs_and_writes_its_json(name, tmp_path):
     out = tmp_path / f"{name}.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *CASES[name], "--out", str(out)],
-                          cwd=BENCH, capture_output=True, text=True, timeout=300)
+                          cwd=BENCH, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["benchmark"] == name and result["machine"]["cpu"] and result["results"]

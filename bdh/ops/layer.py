@@ -20,6 +20,8 @@ dq + dk costs one matmul because k = q:
     dq   = attention backward(da)  (dq + dk, shared keys)
     dx   = (dy * g + RoPE^-1(dq)) * [x > 0]
     dD_x = v^T dx                 dv  = dx D_x^T + (attention's dv, summed over heads)
+Where y is sparse enough (sparse_below, measured per machine by bdh.ops.plan), the read-out and
+the first two lines run on y's non-zeros only (bdh.ops.sparse); the dense form is its tested twin.
 """
 
 from __future__ import annotations
