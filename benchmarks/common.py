@@ -24,6 +24,9 @@ def machine() -> dict:
         "cpu": cpu_name(),
         "avx512": any(f.startswith("avx512") for f in flags),
         "avx2": "avx2" in flags,
+        # what the kernels may use: torch's (ATEN_CPU_CAPABILITY lowers it) and MKL's limit, if one is set
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

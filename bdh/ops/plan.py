@@ -215,11 +215,11 @@ def _best_of(run, repeats: int) -> float:
 
 
 def machine_key(device: torch.device) -> str:
-    """What the timings belong to: the processor (or GPU), torch's version and thread count."""
+    """What the timings belong to: the processor (or GPU), torch's version, vector extensions and threads."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-    else:
-        name = cpu_name()
+    else:  # the extensions torch's kernels use (ATEN_CPU_CAPABILITY can lower them) and MKL's (MKL_ENABLE_INSTRUCTIONS)
+        name = f"{cpu_name()} {torch.backends.cpu.get_cpu_capability()} mkl:{os.environ.get('MKL_ENABLE_INSTRUCTIONS', '')}"
     return f"{name} torch{torch.__version__} threads{torch.get_num_threads()}"
 
 
