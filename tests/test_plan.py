@@ -80,3 +80,18 @@ def test_training_runs_the_direct_form_and_state_passing_the_chunked_one():
     assert model.engine(64, has_state=False, wants_state=False).startswith("fused:direct/")
     assert model.engine(64, has_state=True).startswith("fused:chunked/")
     assert make_model(chunk_size=16).engine(64, wants_state=False) == "fused:chunked/16"
+
+
+@pytest.mark.parametrize("times, below", [
+    ({0.02: (1.0, 0.5), 0.05: (1.0, 0.75), 0.1: (1.0, 1.25), 0.2: (1.0, 2.0)}, 0.075),  # crosses halfway
+    ({0.02: (1.0, 1.5), 0.05: (1.0, 2.0), 0.1: (1.0, 3.0), 0.2: (1.0, 5.0)}, 0.0),  # never pays
+    ({0.02: (1.0, 0.1), 0.05: (1.0, 0.2), 0.1: (1.0, 0.3), 0.2: (1.0, 0.5)}, 0.2),  # pays at every density tried
+])
+def test_sparse_crossover_is_where_the_time_ratio_crosses_one(times, below, monkeypatch):
+    monkeypatch.setattr(plan_mod, "measure_readout", lambda *shape, density: times[density])
+    assert plan_mod._crossover(())["below"] == pytest.approx(below)
+
+
+def test_sparse_below_is_zero_for_uncalibrated_shapes(monkeypatch):
+    monkeypatch.setattr(plan_mod, "measure_readout", lambda *a, **k: pytest.fail("timed"))
+    assert plan_mod.sparse_below(1, 64, 2, 16, 8, torch.empty(0)) == 0.0

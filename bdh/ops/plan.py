@@ -93,8 +93,9 @@ def sparse_below(B: int, T: int, nh: int, N: int, D: int, like: torch.Tensor) ->
     """The density of y under which the fused layer's read-out runs sparse (bdh.ops.sparse), 0 for never.
 
     Measured once per machine and shape: the dense and the sparse read-out (forward and backward) at
-    each of DENSITIES; the answer is the highest density up to which the sparse one was faster at
-    every density tried. Uncalibrated shapes (small ones, BDH_CALIBRATE=0) never run sparse.
+    each of DENSITIES; the answer is where the sparse one stops being faster, interpolated between
+    the densities tried (_crossover). Uncalibrated shapes (small ones, BDH_CALIBRATE=0) never run
+    sparse.
     """
     if not calibrating(B, nh, T, N) or like.device.type != "cpu":
         return 0.0
@@ -106,14 +107,19 @@ DENSITIES = (0.02, 0.05, 0.1, 0.2)
 
 
 def _crossover(shape) -> dict:
+    """The density where the sparse read-out stops paying: between the last density tried at which it
+    was faster and the next, where the ratio of times crosses 1 (both times grow about linearly)."""
     seconds = {str(d): measure_readout(*shape, density=d) for d in DENSITIES}
-    below = 0.0
+    below, ratio = 0.0, 0.0
     for d in DENSITIES:
         dense_s, sparse_s = seconds[str(d)]
-        if sparse_s >= dense_s:
+        r = sparse_s / dense_s
+        if r >= 1:
+            if below > 0:
+                below += (d - below) * (1 - ratio) / (r - ratio)
             break
-        below = d
-    return {"below": below, "seconds_dense_sparse": seconds}
+        below, ratio = d, r
+    return {"below": round(below, 4), "seconds_dense_sparse": seconds}
 
 
 def _fastest(timings: dict) -> dict:
