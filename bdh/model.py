@@ -57,8 +57,8 @@ from torch import nn
 from bdh.config import BDHConfig
 from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
-from bdh.ops.gated import gated_decode_layer, get_gated_attention
 from bdh.ops.chunked import CHUNK_SIZE
+from bdh.ops.gated import gated_decode_layer, get_gated_attention
 from bdh.ops.layer import dropout_scale, fused_layer, norm
 from bdh.ops.plan import Plan, plan_for, sparse_below
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer

@@ -16,9 +16,11 @@ Which is faster on a given machine depends on how well its matrix units run prod
 sizes, not only on their counts. So with calibration on (the default), the first time a shape
 is seen the cheapest candidates by the count above are timed on random data of that shape and
 the fastest is kept in a cache file per machine (CPU model or GPU name, torch version, threads):
-later runs read it. Small shapes (under CALIBRATE_FROM elements per N-wide tensor), or
-BDH_CALIBRATE=0, use the count alone. Every plan computes the same function; only rounding and
-speed differ.
+later runs read it. The same cache holds, per shape, the density of y below which the read-out
+is faster held sparse (sparse_below; bdh.ops.sparse): the dense and the sparse read-out timed at a
+few densities. Small shapes (under CALIBRATE_FROM elements per N-wide tensor), or
+BDH_CALIBRATE=0, use the count alone and never the sparse read-out. Every choice computes the
+same function; only rounding and speed differ. Delete the cache file to measure again.
 """
 
 from __future__ import annotations
