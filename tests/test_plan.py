@@ -95,3 +95,20 @@ def test_sparse_crossover_is_where_the_time_ratio_crosses_one(times, below, monk
 def test_sparse_below_is_zero_for_uncalibrated_shapes(monkeypatch):
     monkeypatch.setattr(plan_mod, "measure_readout", lambda *a, **k: pytest.fail("timed"))
     assert plan_mod.sparse_below(1, 64, 2, 16, 8, torch.empty(0)) == 0.0
+
+
+def test_an_unwritable_cache_does_not_stop_training(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("BDH_CACHE", str(blocker / "cache"))  # cannot be created
+    monkeypatch.setattr(plan_mod, "CALIBRATE_FROM", 0)
+    monkeypatch.setattr(plan_mod, "measure", lambda p, *shape: 1.0 if p.block else 2.0)
+    assert plan_for(2, 128, 2, 16, 8, False, torch.empty(0)).block is not None
+
+
+def test_a_corrupt_cache_file_is_measured_again_and_rewritten(monkeypatch):
+    monkeypatch.setattr(plan_mod, "CALIBRATE_FROM", 0)
+    monkeypatch.setattr(plan_mod, "measure", lambda p, *shape: 1.0 if p.block else 2.0)
+    (cache_root() / CACHE_FILE).write_text("{not json")
+    assert plan_for(2, 128, 2, 16, 8, False, torch.empty(0)).block is not None
+    assert len(read_json(cache_root() / CACHE_FILE)) == 1

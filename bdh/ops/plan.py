@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bdh.errors import UserError
 from bdh.fileio import cache_root, read_json, write_json
 from bdh.ops.chunked import Weights, attend, attend_backward, attend_direct, attend_direct_backward
 from bdh.ops.layer import keeps_scores, per_head, relu_backward_, weight_grad
@@ -136,21 +137,38 @@ _memo: dict[str, dict] = {}
 
 
 def _cached(key: str, calibrate) -> dict:
-    """The cache file's entry for key, made by calibrate() (and written) when it has none."""
+    """The cache file's entry for key, made by calibrate() (and written) when it has none.
+
+    A cache that cannot be read is measured again; one that cannot be written (no writable cache
+    directory) is kept for this process only: training never stops for it.
+    """
     if key in _memo:
         return _memo[key]
-    path = cache_root() / CACHE_FILE
+    path = _cache_path()
     table = _read_table(path)
     if key not in table:
         entry = calibrate()
         table = _read_table(path)  # another process may have written meanwhile
         table[key] = entry
-        write_json(path, table)
+        if path is not None:
+            try:
+                write_json(path, table)
+            except OSError:
+                pass
     _memo[key] = table[key]
     return _memo[key]
 
 
-def _read_table(path: Path) -> dict:
+def _cache_path() -> Path | None:
+    try:
+        return cache_root() / CACHE_FILE
+    except UserError:  # the cache directory cannot be made
+        return None
+
+
+def _read_table(path: Path | None) -> dict:
+    if path is None:
+        return {}
     try:
         table = read_json(path)
     except Exception:  # missing or unreadable: measured again and rewritten
