@@ -29,6 +29,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -249,8 +250,10 @@ def machine_key(device: torch.device) -> str:
     return f"{name} torch{torch.__version__} threads{torch.get_num_threads()}"
 
 
+@lru_cache(maxsize=1)
 def cpu_name() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo)."""
+    """The processor's model name (Linux: /proc/cpuinfo); read once per process, since every
+    forward asks for the plan's cache key."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
