@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from bdh.ops.layer import norm
-from bdh.ops.naive import state_dtype
+from bdh.ops.naive import start_state, state_dtype
 
 
 def gated_naive(q, k, v, log_f, initial_state=None, output_final_state=True):
@@ -60,12 +60,9 @@ def gated_chunked(q, k, v, log_f, initial_state=None, output_final_state=True, c
 
 def gated_recurrent(q, k, v, log_f, initial_state=None, output_final_state=True):
     """Token by token: read o_t = q_t S, then S <- f_t (S + k_t v_t^T)."""
-    B, nh, T, N = q.shape
-    D = v.shape[-1]
-    acc = state_dtype(q)
-    S = torch.zeros(B, nh, N, D, dtype=acc, device=q.device)
-    if initial_state is not None:
-        S = S + initial_state.to(acc)
+    T = q.shape[2]
+    S = start_state(q, v, initial_state)  # B, nh, N, D
+    acc = S.dtype
     f = torch.exp(log_f.to(acc))
     outs = []
     for t in range(T):

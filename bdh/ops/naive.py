@@ -78,14 +78,18 @@ def _final_state(k, v, initial_state, powers):
     return state
 
 
+def start_state(q: torch.Tensor, v: torch.Tensor, initial_state=None) -> torch.Tensor:
+    """The state a token loop starts from: (B, nh, N, D) zeros in the state dtype, plus initial_state."""
+    B, nh, _, N = q.shape
+    state = torch.zeros(B, nh, N, v.shape[-1], dtype=state_dtype(q), device=q.device)
+    return state if initial_state is None else state + initial_state.to(state.dtype)
+
+
 def loop_attention(q, k, v, initial_state=None, decay=None, output_final_state=True):
     """Token-by-token recurrence in float32: read a_t = q_t^T S, then write S <- lambda (S + k_t v_t^T)."""
-    B, nh, T, N = q.shape
-    D = v.shape[-1]
-    acc = state_dtype(q)
-    state = torch.zeros(B, nh, N, D, dtype=acc, device=q.device)
-    if initial_state is not None:
-        state = state + initial_state.to(acc)
+    nh, T = q.shape[1], q.shape[2]
+    state = start_state(q, v, initial_state)
+    acc = state.dtype
     lam = None if decay is None else decay.to(device=q.device, dtype=acc).view(1, nh, 1, 1)
     outs = []
     for t in range(T):
