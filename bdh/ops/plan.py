@@ -15,7 +15,8 @@ sums; dQ + dK is one full T x T product because k = q):
 Which is faster on a given machine depends on how well its matrix units run products of those
 sizes, not only on their counts. So with calibration on (the default), the first time a shape
 is seen the cheapest candidates by the count above are timed on random data of that shape and
-the fastest is kept in a cache file per machine (CPU model or GPU name, torch version, threads):
+the fastest is kept in a cache file per machine (CPU model or GPU name, torch version, threads,
+the version of the kernels):
 later runs read it. The same cache holds, per shape, the density of y below which the read-out
 is faster held sparse (sparse_below; bdh.ops.sparse): the dense and the sparse read-out timed at a
 few densities. Small shapes (under CALIBRATE_FROM elements per N-wide tensor), or
@@ -130,8 +131,13 @@ def _fastest(timings: dict) -> dict:
     return {"plan": min(timings, key=timings.get), "seconds": timings}
 
 
+# The version of the kernels timed: raised when a change to the fused layer or the sparse read-out
+# makes earlier timings stale, so that each machine measures again (older entries stay unread).
+KERNELS = 2
+
+
 def _shape_key(B, nh, T, N, D, device, dtype) -> str:
-    return f"{machine_key(device)} {dtype} B{B} T{T} nh{nh} N{N} D{D}"
+    return f"{machine_key(device)} kernels{KERNELS} {dtype} B{B} T{T} nh{nh} N{N} D{D}"
 
 
 _memo: dict[str, dict] = {}

@@ -32,28 +32,55 @@ import torch
 
 
 class SparseY:
-    """y (B, nh, T, N) as a CSR matrix (B nh T, nh N), and where its non-zeros sit in y's own layout."""
+    """y (B, nh, T, N) as a CSR matrix (B nh T, nh N), and where its non-zeros sit in y's own layout.
+
+    Built from one nonzero() pass over y (torch's dense-to-CSR conversion makes three), and with
+    the pattern of its transpose made once (a stable sort of the columns) for the two products
+    with a transposed y-patterned matrix in backward (dE, dD_y): transposing a CSR matrix for a
+    product otherwise converts it anew each time, which cost more than the product itself.
+    """
 
     def __init__(self, y: torch.Tensor):
         B, nh, T, N = y.shape
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": said once per process, not useful here
-            warnings.simplefilter("ignore", UserWarning)
-            csr = y.reshape(B * nh * T, N).to_sparse_csr()
-        crow, col = csr.crow_indices(), csr.col_indices()
-        rows = torch.repeat_interleave(torch.arange(B * nh * T, device=y.device), crow.diff())  # nnz
-        self.shape, self.crow = (B, nh, T, N), crow
-        self.flat = rows * N + col  # nnz: positions in y.view(-1)
-        self.wide_col = col + (rows // T % nh) * N  # nnz: column in the heads-side-by-side matrix
-        self.Y = self.matrix(csr.values())
+        R = B * nh * T
+        flat = y.reshape(-1)
+        self.shape = (B, nh, T, N)
+        self.flat = torch.nonzero(flat).squeeze(1)  # nnz: positions in y.view(-1), row-major
+        self.rows = self.flat.div(N, rounding_mode="floor")  # nnz: the (b, h, t) row
+        self.wide_col = self.flat - self.rows * N + (self.rows // T % nh) * N  # nnz: column, heads side by side
+        self.crow = _offsets(self.rows, R)
+        self._transpose = None
+        self.Y = self.matrix(flat[self.flat])
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """A CSR (B nh T, nh N) with y's pattern and these values."""
+        """A CSR (B nh T, nh N) with y's pattern and these values (nnz, in y's row-major order)."""
         B, nh, T, N = self.shape
-        return torch.sparse_csr_tensor(self.crow, self.wide_col, values, size=(B * nh * T, nh * N),
-                                       check_invariants=False)
+        return _csr(self.crow, self.wide_col, values, (B * nh * T, nh * N))
+
+    def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
+        """The transpose (nh N, B nh T) of matrix(values), as a CSR matrix of its own."""
+        B, nh, T, N = self.shape
+        if self._transpose is None:
+            order = torch.argsort(self.wide_col, stable=True)  # nnz: by column, rows ascending within one
+            self._transpose = (order, _offsets(self.wide_col[order], nh * N), self.rows[order])
+        order, crow, col = self._transpose
+        return _csr(crow, col, values[order], (nh * N, B * nh * T))
 
     def density(self) -> float:
         return self.flat.numel() / max(1, self.Y.shape[0] * self.shape[-1])
+
+
+def _offsets(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """CSR row offsets (n_rows + 1) of entries whose (ascending) row indices these are."""
+    crow = sorted_rows.new_zeros(n_rows + 1)
+    torch.cumsum(torch.bincount(sorted_rows, minlength=n_rows), 0, out=crow[1:])
+    return crow
+
+
+def _csr(crow, col, values, size) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": said once per process, not useful here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
 def stacked(W: torch.Tensor) -> torch.Tensor:
@@ -77,16 +104,16 @@ def sparse_readout_backward(sy: SparseY, E, Dy, x, a_hat, dz_heads, scale: float
     B, nh, T, N = sy.shape
     D = dz_heads.shape[-1]
     dz_rows, a_rows = dz_heads.reshape(-1, D), a_hat.reshape(-1, D)  # B nh T, D
-    dE = (sy.Y.t() @ dz_rows).view(nh, N, D)
+    dE = (sy.matrix_t(sy.Y.values()) @ dz_rows).view(nh, N, D)
     E_wide = stacked(E).t()  # D, nh N
     Dy_wide = Dy.transpose(0, 1).reshape(D, nh * N)  # D, nh N: head h's D_y in columns h N ..
     dy = torch.sparse.sampled_addmm(sy.Y, dz_rows, E_wide, beta=0.0).values()  # nnz
     if scale != 1.0:
         dy = dy * scale
     g = torch.sparse.sampled_addmm(sy.Y, a_rows, Dy_wide, beta=0.0).values().relu_()  # nnz, > 0 on y's pattern
-    dg = sy.matrix(dy * x.reshape(-1)[sy.flat])
-    dDy = (dg.t() @ a_rows).view(nh, N, D).transpose(1, 2)  # nh, D, N
-    da = (dg @ stacked(Dy.transpose(1, 2))).view(B, nh, T, D)
+    dg = dy * x.reshape(-1)[sy.flat]  # nnz
+    dDy = (sy.matrix_t(dg) @ a_rows).view(nh, N, D).transpose(1, 2)  # nh, D, N
+    da = (sy.matrix(dg) @ stacked(Dy.transpose(1, 2))).view(B, nh, T, D)
     dx = x.new_zeros(B, nh, T, N) if out is None else out.zero_()
     dx.view(-1)[sy.flat] = dy * g
     return dE, dDy, da, dx
