@@ -519,6 +519,9 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
                       help="share of the training split (its end) held out to score the trials (default: 0.05)")
     tune.add_argument("--tune-eval-iters", type=_parse_as(int), default=0, metavar="N",
                       help="batches of the held-out slice a trial is scored on; 0: all of it (default: 0)")
+    tune.add_argument("--tune-extend", type=_parse_as(int), default=2, metavar="N",
+                      help="where a grid of learning rates alone has its best at an edge, up to N more trials "
+                           "one grid step further each, until the best is inside (default: 2; 0: the grid only)")
     # the search sets holdout_fraction for its trials; a reported run always validates on the validation split
     add_train_fields(parser, skip=("model_type", "out", "holdout_fraction", "init_from"))
 
@@ -589,7 +592,8 @@ def experiment_inputs(args: argparse.Namespace):
                             "drop one")
     else:
         grid = {k: v for k, v in DEFAULT_GRID.items() if k not in given}
-    tune = TuneSpec(grid=grid, share=args.tune_share, holdout=args.tune_holdout, eval_iters=args.tune_eval_iters)
+    tune = TuneSpec(grid=grid, share=args.tune_share, holdout=args.tune_holdout, eval_iters=args.tune_eval_iters,
+                    extend=args.tune_extend)
     return cfg, family_args, tune
 
 

@@ -10,9 +10,10 @@ The protocol, the same for every family (bdh.experiments.families says how each 
    --max-iters, at its chosen settings; its final loss scored on the whole validation split (or
    --final-eval-iters batches), with the standard error over batches, and the paired difference
    to BDH on the same batches.
-3. **Equal wall-clock** (equal_time): every model trained again, at its chosen settings, for as
-   many steps as it runs in the same time as the slowest model's equal-token run (or a given
-   number of seconds), from the step rates measured in step 2; its schedule ends with its budget.
+3. **Equal wall-clock** (equal_time): every model trained again, at its chosen settings, for the
+   same seconds of training steps (the slowest model's equal-token time, or a given number): a
+   time budget whose learning-rate decay runs on that clock (TrainConfig.train_seconds), so each
+   model takes as many steps as its speed allows, however that speed changes during training.
 
 Outputs in DIR: one run directory per model (DIR/bdh, DIR/gpt, ...), DIR/<model>-time for the
 equal-time runs, DIR/tune/ for the trials, compare.md, compare.json, val_loss_vs_tokens.png and
@@ -123,9 +124,8 @@ def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None 
     data["equal_time_runs"] = {}
     if equal_time is not None:
         data["equal_time_target_s"], time_plans = equal_time_plans(tuned, data["runs"], equal_time, out)
-        todo = [p for p in time_plans if p.name not in {q.name for q in tuned}]
         say(f"bdh compare: equal wall-clock, {data['equal_time_target_s']:,.0f} s of training steps per model")
-        train_all(manifest, todo, overwrite, say)
+        train_all(manifest, time_plans, overwrite, say)
         data["equal_time_runs"] = {base.name: p.name for base, p in zip(tuned, time_plans)}
     names = [p.name for p in tuned]
     data.update(finished=runs.now(), report=REPORT, figures=[FIG_TOKENS, FIG_TIME])
@@ -153,12 +153,18 @@ def check_equal_time(equal_time) -> None:
                         f"time), got {equal_time!r}")
 
 
+def budget(cfg: TrainConfig) -> str:
+    if cfg.train_seconds is None:
+        return f"{cfg.max_iters:,} steps"
+    return f"{cfg.train_seconds:,.0f} s of training steps, at most {cfg.max_iters:,} steps"
+
+
 def train_all(manifest: runs.Manifest, plans: list[RunPlan], overwrite: bool, say: Callable[[str], None]) -> None:
     """Inspect every run first (so a directory of other settings is refused before any training), then train."""
     statuses = [runs.inspect_run(plan, overwrite) for plan in plans]
     for i, (plan, status) in enumerate(zip(plans, statuses), 1):
         say(f"bdh compare: [{i}/{len(plans)}] {plan.name} ({plan.model.num_params():,} parameters, "
-            f"lr {plan.cfg.lr:g}, {plan.cfg.max_iters:,} steps): {describe(status)} -> {plan.run_dir}")
+            f"lr {plan.cfg.lr:g}, {budget(plan.cfg)}): {describe(status)} -> {plan.run_dir}")
         report = runs.train_run(plan, status) if status.kind != "finished" else None
         runs.record_run(manifest, plan.name, plan.run_dir, report, lr=plan.cfg.lr,
                         warmup_iters=plan.cfg.warmup_iters, weight_decay=plan.cfg.weight_decay)
@@ -166,8 +172,13 @@ def train_all(manifest: runs.Manifest, plans: list[RunPlan], overwrite: bool, sa
 
 def equal_time_plans(plans: list[RunPlan], done: dict[str, Any], equal_time,
                      out: Path) -> tuple[float, list[RunPlan]]:
-    """(seconds of training steps, each model's run of that time): steps from its measured step rate;
-    the run that already has that many steps (the slowest model's, with "auto") is reused."""
+    """(seconds of training steps, each model's run of that time).
+
+    Each run is a time budget (TrainConfig.train_seconds): it trains until its training steps have
+    taken the seconds, its learning rate decaying on that clock, so a model whose steps get faster
+    as it trains (BDH, as y goes sparse) gets every step its time allows. Its warm-up keeps the
+    equal-token run's steps; its step cap is TIME_CAP x the steps its equal-token rate fits.
+    """
     rates = {p.name: done[p.name]["tokens_per_s"] for p in plans}
     if not all(rates.values()):
         raise UserError("equal time needs the throughput of every equal-token run; a run logged none")
@@ -179,17 +190,15 @@ def equal_time_plans(plans: list[RunPlan], done: dict[str, Any], equal_time,
     for plan in plans:
         cfg = plan.cfg
         per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-        steps = max(1, round(target * rates[plan.name] / per_step))
-        if steps == cfg.max_iters:
-            timed.append(plan)
-            continue
-        scale = steps / cfg.max_iters
-        decay = None if cfg.decay_iters is None else max(cfg.warmup_iters + 1, round(cfg.decay_iters * scale))
-        time_cfg = dataclasses.replace(cfg, max_iters=steps, decay_iters=decay,
-                                       warmup_iters=min(cfg.warmup_iters, steps - 1),
+        expected = max(1, round(target * rates[plan.name] / per_step))
+        time_cfg = dataclasses.replace(cfg, train_seconds=target, max_iters=TIME_CAP * expected, decay_iters=None,
+                                       warmup_iters=min(cfg.warmup_iters, expected - 1),
                                        out=str(out / (plan.name + TIME_SUFFIX)))
         timed.append(RunPlan(plan.name + TIME_SUFFIX, time_cfg, plan.model))
     return target, timed
+
+
+TIME_CAP = 4  # an equal-time run's step cap, in multiples of the steps its equal-token rate fits in the time
 
 
 def paired(out: Path, data: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -301,9 +310,9 @@ def render(data: dict[str, Any]) -> str:
     if data.get("equal_time_runs"):
         timed = [data["runs"][data["equal_time_runs"][n]] for n in names]
         lines += ["## Equal wall-clock", "",
-                  f"Each model trained, at its chosen settings, for the steps that take it "
-                  f"{data.get('equal_time_target_s', 0):,.0f} s of training at the step rate it reached in its "
-                  "equal-token run (its schedule ends with that budget). The machine's load during the runs changes "
+                  f"Each model trained, at its chosen settings, for {data.get('equal_time_target_s', 0):,.0f} s of "
+                  "training steps (validation and checkpoints not counted), its learning rate decaying on that "
+                  "clock: it takes the steps its speed allows. The machine's load during the runs changes "
                   "their speed: compare the throughput rows, and read a near tie as a tie.", "",
                   *table(timed, names), ""]
         lines += paired_lines(data, "time")

@@ -149,13 +149,16 @@ def inspect_run(plan: RunPlan, overwrite: bool) -> RunStatus:
         return RunStatus("restart")
     state = ckpt_io.load_checkpoint(out).state
     status = RunStatus("resume", step=int(state["step"]), elapsed_s=float(state["elapsed_s"]))
-    if is_finished(plan.cfg, status.step, status.elapsed_s):
+    if is_finished(plan.cfg, status.step, status.elapsed_s, float(state.get("step_s", status.elapsed_s))):
         status.kind = "finished"
     return status
 
 
-def is_finished(cfg: TrainConfig, step: int, elapsed_s: float) -> bool:
+def is_finished(cfg: TrainConfig, step: int, elapsed_s: float, step_s: float) -> bool:
+    """Whether a run that stopped there has met its budget (steps, wall-clock minutes or training seconds)."""
     if step >= cfg.max_iters:
+        return True
+    if cfg.train_seconds is not None and step_s >= cfg.train_seconds:
         return True
     return cfg.max_minutes is not None and elapsed_s >= cfg.max_minutes * 60
 
@@ -283,15 +286,23 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     return {
         "model_type": model["model_type"], "model": model, **param_counts(model),
         "steps": int(state.get("step", final["step"])), "tokens_seen": tokens_seen,
-        "stopped": "max_iters" if state.get("step", final["step"]) >= cfg["max_iters"] else "max_minutes",
+        "stopped": stop_reason(cfg, int(state.get("step", final["step"]))),
         "final_val_loss": final["val_loss"], "final_val_bpb": final["val_bpb"],
         "final_val_se": last.get("val_loss_se"), "final_val_batches": last.get("val_batches"),
         "best_val_loss": best["val_loss"], "best_val_bpb": best["val_bpb"], "best_step": best["step"],
         "tokens_per_s": tokens_per_s, "train_time_s": float(state.get("elapsed_s", final["elapsed_s"])),
-        # seconds of training steps alone (validation and checkpoints left out)
-        "step_time_s": tokens_seen / tokens_per_s if tokens_per_s else None,
+        # seconds of training steps alone (validation and checkpoints left out): the clock of the
+        # trainer (runs of older versions: from the throughput logged)
+        "step_time_s": float(state["step_s"]) if "step_s" in state else
+        (tokens_seen / tokens_per_s if tokens_per_s else None),
         "curve": curve,
     }
+
+
+def stop_reason(cfg: dict[str, Any], step: int) -> str:
+    if step >= cfg["max_iters"]:
+        return "max_iters"
+    return "train_seconds" if cfg.get("train_seconds") is not None else "max_minutes"
 
 
 def final_batch_losses(run_dir: Path) -> list[float] | None:

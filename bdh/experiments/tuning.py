@@ -14,6 +14,10 @@ lowest loss on the held-out slice. The rules:
   costs `share` x its size of the runs (0.75x with the defaults), and its cost is reported.
 - min_lr moves with lr (their ratio stays that of the settings); a trial that diverges scores
   infinity; ties go to the first point of the grid.
+- A best rate at an edge of the grid says the best lies beyond it. So where the grid searches the
+  learning rate alone and its best point is its highest (or lowest) rate, one more trial is run
+  one grid step further (the ratio of the two outermost rates), and again, up to `extend` times,
+  until the best point has a worse (or diverged) neighbour on both sides.
 - Each trial is a normal run directory (DIR/tune/<run>-<point>/), so a killed search resumes
   and a finished one is reused, like every run of an experiment.
 
@@ -48,6 +52,7 @@ class TuneSpec:
     share: float = 0.25  # trial budget / run budget (steps, warm-up, decay, minutes)
     holdout: float = 0.05  # share of the training split held out for scoring the trials
     eval_iters: int = 0  # batches of the held-out slice scored at a trial's end (0: all of it)
+    extend: int = 2  # trials added beyond a learning-rate grid's edge while its best point sits there
 
     def __post_init__(self) -> None:
         self.grid = check_grid(self.grid)
@@ -57,6 +62,8 @@ class TuneSpec:
             raise UserError(f"the held-out share of the training split must lie in (0, 0.5), got {self.holdout!r}")
         if self.eval_iters < 0:
             raise UserError(f"the trial evaluation batches must be 0 (all) or positive, got {self.eval_iters!r}")
+        if self.extend < 0:
+            raise UserError(f"the trials beyond the grid's edge must be 0 or more, got {self.extend!r}")
 
     @property
     def active(self) -> bool:
@@ -69,7 +76,7 @@ class TuneSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"grid": {k: list(v) for k, v in self.grid.items()}, "share": self.share, "holdout": self.holdout,
-                "eval_iters": self.eval_iters}
+                "eval_iters": self.eval_iters, "extend": self.extend}
 
     @classmethod
     def off(cls) -> "TuneSpec":
@@ -139,7 +146,9 @@ def trial_config(cfg: TrainConfig, point: dict[str, Any], spec: TuneSpec, out: P
     warmup = min(round(run.warmup_iters * spec.share), steps - 1)
     decay = None if run.decay_iters is None else max(warmup + 1, round(run.decay_iters * spec.share))
     minutes = None if run.max_minutes is None else run.max_minutes * spec.share
+    seconds = None if run.train_seconds is None else run.train_seconds * spec.share
     return dataclasses.replace(run, max_iters=steps, warmup_iters=warmup, decay_iters=decay, max_minutes=minutes,
+                               train_seconds=seconds,
                                eval_interval=0, final_eval_iters=spec.eval_iters, holdout_fraction=spec.holdout,
                                ckpt_interval=0, sample_tokens=0, out=str(out))
 
@@ -159,12 +168,21 @@ def search(name: str, cfg: TrainConfig, spec: TuneSpec, out: Path, overwrite: bo
         return cfg, None
     trials = []
     points = spec.points()
-    for i, point in enumerate(points, 1):
+
+    def trial(point: dict[str, Any], where: str) -> None:
         trial_dir = out / TUNE_DIR / f"{name}-{point_name(point)}"
         plan = RunPlan(f"{name} trial {point_name(point)}", trial_config(cfg, point, spec, trial_dir))
         status = runs.inspect_run(plan, overwrite)
-        say(f"  search {name} [{i}/{len(points)}] {point_name(point)}: {status.kind} -> {trial_dir}")
+        say(f"  search {name} [{where}] {point_name(point)}: {status.kind} -> {trial_dir}")
         trials.append(run_trial(plan, status, point))
+
+    for i, point in enumerate(points, 1):
+        trial(point, f"{i}/{len(points)}")
+    for _ in range(spec.extend if list(spec.grid) == ["lr"] else 0):
+        beyond = beyond_edge([t["point"]["lr"] for t in trials], choose(trials)["point"]["lr"])
+        if beyond is None:
+            break
+        trial({"lr": beyond}, "beyond the grid's edge")
     best = choose(trials)
     record = {
         "grid": {k: list(v) for k, v in spec.grid.items()}, "share": spec.share, "holdout": spec.holdout,
@@ -175,6 +193,17 @@ def search(name: str, cfg: TrainConfig, spec: TuneSpec, out: Path, overwrite: bo
     say(f"  search {name}: chose {point_name(best['point'])} (held-out loss {best['holdout_loss']:.4f}); "
         f"cost {record['cost']['time_s']:.0f} s, {record['cost']['tokens']:,} tokens")
     return apply(cfg, best["point"]), record
+
+
+def beyond_edge(tried: list[float], best: float) -> float | None:
+    """The next learning rate past the edge of the rates tried where the best one sits there, one
+    step as wide as the outermost step at that edge; None where the best has a neighbour both sides."""
+    rates = sorted(set(tried))
+    if len(rates) < 2 or rates[0] < best < rates[-1]:
+        return None
+    if best == rates[-1]:
+        return float(f"{best * best / rates[-2]:.3g}")
+    return float(f"{best * best / rates[1]:.3g}")
 
 
 def run_trial(plan: RunPlan, status: runs.RunStatus, point: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,8 @@ class TrainConfig:
     """optimizer steps to train for (the run stops at max_iters or max_minutes, whichever first)"""
     max_minutes: float | None = None
     """wall-clock budget of this invocation in minutes (default: none)"""
+    train_seconds: float | None = None
+    """a time budget: train for this many seconds of training steps (validation, checkpoints and logging not counted, resumed runs included), the learning rate's decay running on that clock instead of on steps; max_iters stays an upper bound (default: none)"""
     lr: float = 1e-3
     """peak learning rate, reached at the end of the warm-up"""
     min_lr: float = 1e-4
@@ -120,6 +122,10 @@ class TrainConfig:
             raise UserError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise UserError(f"max_minutes must be positive, got {self.max_minutes!r}")
+        if self.train_seconds is not None and self.train_seconds <= 0:
+            raise UserError(f"train_seconds must be positive, got {self.train_seconds!r}")
+        if self.train_seconds is not None and self.decay_iters is not None:
+            raise UserError("train_seconds runs the decay on the clock to the end of the budget: leave decay_iters unset")
         if self.decay_iters is not None and self.decay_iters <= self.warmup_iters:
             raise UserError(f"decay_iters ({self.decay_iters}) must be larger than warmup_iters ({self.warmup_iters})")
         if self.final_eval_iters is not None and self.final_eval_iters < 0:

@@ -43,7 +43,7 @@ from bdh.train import checkpoint as ckpt_io
 from bdh.train import distributed
 from bdh.train.args import TrainConfig
 from bdh.train.evaluate import EvalResult, check_eval_length, evaluate, evaluate_tagged, tokens_per_byte
-from bdh.train.optim import lr_at, make_optimizer, set_lr
+from bdh.train.optim import lr_at, lr_on_clock, make_optimizer, set_lr
 
 
 class TrainingDiverged(UserError):
@@ -66,6 +66,8 @@ class Progress:
     step: int = 0
     tokens_seen: int = 0
     elapsed_s: float = 0.0
+    step_s: float = 0.0  # seconds spent in training steps (the clock of TrainConfig.train_seconds)
+    warm_s: float | None = None  # step_s when the warm-up ended (train_seconds' decay starts there)
     best_val_loss: float | None = None
     best_step: int | None = None
     best_ckpt_step: int | None = None
@@ -78,7 +80,7 @@ class TrainResult:
     out_dir: Path
     step: int
     tokens_seen: int
-    stopped: str  # "max_iters" or "max_minutes"
+    stopped: str  # "max_iters", "max_minutes" or "train_seconds"
     val: EvalResult | None = None
     checkpoint: Path | None = None
     sample: str | None = None
@@ -358,6 +360,7 @@ def restore(run: Run, resumed) -> None:
     ckpt_io.load_optimizer(run.optimizer, run.param_names, resumed.path / ckpt_io.OPTIMIZER_FILE)
     p = run.progress
     p.step, p.tokens_seen, p.elapsed_s = int(state["step"]), int(state["tokens_seen"]), float(state["elapsed_s"])
+    p.step_s, p.warm_s = float(state.get("step_s", p.elapsed_s)), state.get("warm_s")  # older checkpoints: wall time
     p.best_val_loss, p.best_step = state.get("best_val_loss"), state.get("best_step")
     p.best_ckpt_step, p.best_ckpt_val = state.get("best_ckpt_step"), state.get("best_ckpt_val")
     p.last_val = state.get("last_val")
@@ -453,11 +456,11 @@ class Trainer:
         stopped = "max_iters"
         try:
             with self.sigint_flag():
-                while p.step < cfg.max_iters:
+                while p.step < cfg.max_iters and not self.budget_spent(p.step_s):
                     loss, lr, stop = self.step()
-                    self.after_step(loss, lr, bar, last=stop or p.step >= cfg.max_iters)
+                    self.after_step(loss, lr, bar, last=stop is not None or p.step >= cfg.max_iters)
                     if stop:
-                        stopped = "interrupted" if self.stop_requested else "max_minutes"
+                        stopped = stop
                         break
         except KeyboardInterrupt:
             stopped = "interrupted"
@@ -468,21 +471,27 @@ class Trainer:
             raise TrainingInterrupted(p.step, path, run.out_dir)
         return self.finish(stopped)
 
-    def step(self) -> tuple[float, float, bool]:
+    def step(self) -> tuple[float, float, str | None]:
+        """One optimizer step: (mean loss, its learning rate, why training stops after it or None)."""
         run, cfg, p = self.run, self.cfg, self.run.progress
-        lr = lr_at(p.step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.schedule_iters, cfg.decay)
-        set_lr(run.optimizer, lr)
+        start = time.monotonic()
         run.optimizer.zero_grad(set_to_none=True)
         loss, state = forward_backward(run.train_model, run.batches, cfg.grad_accum, cfg.stream, run.carried,
                                        run.scaler if run.scaler.is_enabled() else None)
         local = float(loss)
         over_time = cfg.max_minutes is not None and time.monotonic() - self.t0 > cfg.max_minutes * 60
-        # one collective per step: the mean loss, and whether any process saw a bad loss or wants to stop
-        total, bad, stop = distributed.all_reduce_sum(
+        # one collective per step: the mean loss, whether any process saw a bad loss or wants to stop,
+        # and the mean clock of training steps (this step's gradients included), which sets the learning rate
+        total, bad, stop, clock = distributed.all_reduce_sum(
             [local if math.isfinite(local) else 0.0, float(not math.isfinite(local)),
-             float(over_time or self.stop_requested)], run.env, run.device)
+             float(over_time or self.stop_requested), p.step_s + time.monotonic() - start], run.env, run.device)
+        clock /= run.env.world_size
         if bad:
             self.diverged(local if not math.isfinite(local) else float("nan"))
+        if p.step == cfg.warmup_iters:
+            p.warm_s = clock  # the decay on the clock starts here
+        lr = self.lr_now(clock)
+        set_lr(run.optimizer, lr)
         if cfg.grad_clip > 0:
             run.scaler.unscale_(run.optimizer)
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
@@ -491,8 +500,22 @@ class Trainer:
         run.carried = state
         p.step += 1
         p.tokens_seen += run.tokens_per_step
+        p.step_s += time.monotonic() - start  # this process's own clock; the collective above averages them
         self.snapshot()
-        return total / run.env.world_size, lr, bool(stop)
+        why = ("interrupted" if self.stop_requested else "max_minutes") if stop else None
+        return total / run.env.world_size, lr, why or ("train_seconds" if self.budget_spent(clock) else None)
+
+    def lr_now(self, clock: float) -> float:
+        """The learning rate of the step about to be taken: by its step number, or, with a time
+        budget, by the clock of training steps after the warm-up."""
+        cfg, p = self.cfg, self.run.progress
+        if cfg.train_seconds is None:
+            return lr_at(p.step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.schedule_iters, cfg.decay)
+        warm = clock if p.warm_s is None else p.warm_s
+        return lr_on_clock(p.step, clock, warm, cfg.train_seconds, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay)
+
+    def budget_spent(self, clock: float) -> bool:
+        return self.cfg.train_seconds is not None and clock >= self.cfg.train_seconds
 
     def snapshot(self) -> None:
         """Data position and RNG states at the boundary between two steps (what a checkpoint holds)."""
@@ -619,12 +642,13 @@ class Trainer:
         run, cfg, p = self.run, self.cfg, self.run.progress
         return {
             "step": p.step, "tokens_seen": p.tokens_seen, "elapsed_s": round(self.elapsed(), 3),
+            "step_s": round(p.step_s, 3), "warm_s": p.warm_s,
             "best_val_loss": p.best_val_loss, "best_step": p.best_step,
             "best_ckpt_step": p.best_ckpt_step, "best_ckpt_val": p.best_ckpt_val,
             "val": val, "last_val": p.last_val,
             "schedule": {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_iters": cfg.warmup_iters,
                          "decay": cfg.decay, "decay_iters": cfg.schedule_iters,
-                         "next_lr": lr_at(p.step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.schedule_iters, cfg.decay)},
+                         "train_seconds": cfg.train_seconds, "next_lr": self.lr_now(p.step_s)},
             "world_size": run.env.world_size, "stream": cfg.stream, "model_type": cfg.model_type,
             "ranks": ranks, "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
             "train_config": cfg.to_dict(),
@@ -681,7 +705,7 @@ class Trainer:
         path = self.save()
         sample = self.sample() if self.main and self.cfg.sample_tokens else None
         if self.main:
-            how = "time budget reached" if stopped == "max_minutes" else "done"
+            how = "time budget reached" if stopped in ("max_minutes", "train_seconds") else "done"
             self.say(f"{how}: step {p.step}, {p.tokens_seen:,} tokens, val loss {val.loss:.4f} "
                      f"({val.bpb:.4f} bits/byte); checkpoint {path}")
         return TrainResult(out_dir=run.out_dir, step=p.step, tokens_seen=p.tokens_seen, stopped=stopped, val=val,

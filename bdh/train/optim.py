@@ -34,11 +34,23 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: i
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then decay to min_lr."""
     if step < warmup_iters:
         return lr * (step + 1) / (warmup_iters + 1)
+    return decayed(min(1.0, (step - warmup_iters) / max(1, decay_iters - warmup_iters)), lr, min_lr, decay)
+
+
+def lr_on_clock(step: int, clock_s: float, warm_s: float, budget_s: float, lr: float, min_lr: float,
+                warmup_iters: int, decay: str = "cosine") -> float:
+    """Learning rate of step `step` when the run is a time budget (TrainConfig.train_seconds): the
+    warm-up as in lr_at (steps), then the decay over the budget's seconds left after it, by the
+    clock of training steps: clock_s seconds spent so far, warm_s when the warm-up ended."""
+    if step < warmup_iters:
+        return lr_at(step, lr, min_lr, warmup_iters, warmup_iters + 1, decay)
+    return decayed(min(1.0, max(0.0, (clock_s - warm_s) / max(budget_s - warm_s, 1e-9))), lr, min_lr, decay)
+
+
+def decayed(ratio: float, lr: float, min_lr: float, decay: str) -> float:
+    """The decay from lr (ratio 0) to min_lr (ratio 1)."""
     if decay == "constant":
         return lr
-    if step >= decay_iters:
-        return min_lr
-    ratio = (step - warmup_iters) / max(1, decay_iters - warmup_iters)  # 0 .. 1
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio)) if decay == "cosine" else 1.0 - ratio
     return min_lr + coeff * (lr - min_lr)
 

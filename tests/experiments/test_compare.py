@@ -129,7 +129,7 @@ def test_time_budget_is_for_the_whole_run(tmp_path, monkeypatch):
     runs.train_run(plan, runs.RunStatus("new"))
     assert seen[0]["config"]["max_minutes"] == pytest.approx(0.5) and seen[0]["resume"] == str(tmp_path / "bdh")
     assert seen[1]["config"]["max_minutes"] == 2.0 and seen[1]["resume"] is None
-    assert runs.is_finished(cfg, 10, 120.0) and runs.is_finished(cfg, 100, 1.0) and not runs.is_finished(cfg, 99, 119)
+    assert runs.is_finished(cfg, 10, 120.0, 0.0) and runs.is_finished(cfg, 100, 1.0, 0.0) and not runs.is_finished(cfg, 99, 119, 0.0)
 
 
 def test_a_failed_run_is_one_error_line(tmp_path, text_file, monkeypatch, capsys):

@@ -119,7 +119,7 @@ def test_sweep_searches_each_runs_learning_rate(tmp_path, text_file, monkeypatch
     out = tmp_path / "sweep"
     calls = Runs()
     monkeypatch.setattr(runs, "run_in_child", calls)
-    argv = ["sweep", "--sizes", "2,4", *tiny_flags(text_file, out), "--tune", "lr=1e-3,3e-2"]
+    argv = ["sweep", "--sizes", "2,4", *tiny_flags(text_file, out), "--tune", "lr=1e-3,3e-2", "--tune-extend", "0"]
     assert main(argv) == 0
     assert calls.names == ["bdh-m2-lr1e-03", "bdh-m2-lr3e-02", "bdh-m2", "gpt-m2-lr1e-03", "gpt-m2-lr3e-02", "gpt-m2",
                            "bdh-m4-lr1e-03", "bdh-m4-lr3e-02", "bdh-m4", "gpt-m4-lr1e-03", "gpt-m4-lr3e-02", "gpt-m4"]

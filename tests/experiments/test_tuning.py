@@ -73,6 +73,34 @@ def test_choose_is_the_argmin_of_the_held_out_losses():
         tuning.choose([trials[2]])
 
 
+def test_the_next_rate_beyond_an_edge_where_the_best_sits():
+    assert tuning.beyond_edge([1e-3, 3e-3, 1e-2], 1e-2) == pytest.approx(3.33e-2)
+    assert tuning.beyond_edge([1e-3, 3e-3, 1e-2], 1e-3) == pytest.approx(3.33e-4)
+    assert tuning.beyond_edge([1e-3, 3e-3, 1e-2], 3e-3) is None
+    assert tuning.beyond_edge([1e-3, 3e-3, 1e-2, 3.33e-2], 1e-2) is None  # a worse (or diverged) point beyond it
+    assert tuning.beyond_edge([1e-3], 1e-3) is None
+
+
+@pytest.mark.parametrize("best, extend, tried", [
+    (0.05, 2, [1e-3, 3e-3, 1e-2, 3.33e-2, 0.111]),  # best beyond the grid: two more trials, then the limit
+    (0.012, 2, [1e-3, 3e-3, 1e-2, 3.33e-2]),  # the point beyond is worse: 1e-2 is inside now
+    (3e-3, 2, [1e-3, 3e-3, 1e-2]),  # inside the grid: nothing more
+    (1e-4, 2, [1e-3, 3e-3, 1e-2, 3.33e-4, 1.11e-4]),  # below the grid
+    (0.05, 0, [1e-3, 3e-3, 1e-2]),  # extension off
+])
+def test_the_search_goes_past_the_grid_edge_until_the_best_is_inside(tmp_path, monkeypatch, best, extend, tried):
+    def fake_trial(plan, status, point):  # the held-out loss: a bowl in log lr around `best`
+        return {"point": point, "status": "done", "holdout_loss": abs(math.log(point["lr"] / best)),
+                "max_iters": plan.cfg.max_iters, "tokens_seen": 1, "train_time_s": 1.0}
+
+    monkeypatch.setattr(tuning, "run_trial", fake_trial)
+    spec = TuneSpec(extend=extend)
+    cfg, record = tuning.search("bdh", TrainConfig(max_iters=8), spec, tmp_path, False, say=lambda _: None)
+    assert [t["point"]["lr"] for t in record["trials"]] == pytest.approx(tried)
+    losses = {t["point"]["lr"]: t["holdout_loss"] for t in record["trials"]}
+    assert cfg.lr == min(losses, key=losses.get) == record["chosen"]["lr"]
+
+
 def test_grid_parsing_and_trial_scaling():
     grid = tuning.parse_grid(["lr=1e-3,3e-3", "warmup-iters=0,100"])
     assert grid == {"lr": (1e-3, 3e-3), "warmup_iters": (0, 100)}
@@ -82,9 +110,9 @@ def test_grid_parsing_and_trial_scaling():
     for bad in (["colour=1"], ["lr=a"], ["lr=1e-3", "lr=2e-3"], ["lr=0"], ["lr=1e-3,1e-3"]):
         with pytest.raises(UserError):
             tuning.parse_grid(bad)
-    cfg = TrainConfig(max_iters=600, warmup_iters=100, lr=1e-3, min_lr=1e-4, max_minutes=8.0)
+    cfg = TrainConfig(max_iters=600, warmup_iters=100, lr=1e-3, min_lr=1e-4, max_minutes=8.0, train_seconds=300)
     trial = tuning.trial_config(cfg, {"lr": 3e-3}, spec, "x")
-    assert (trial.max_iters, trial.warmup_iters, trial.max_minutes) == (150, 25, 2.0)
+    assert (trial.max_iters, trial.warmup_iters, trial.max_minutes, trial.train_seconds) == (150, 25, 2.0, 75)
     assert trial.lr == 3e-3 and trial.min_lr == pytest.approx(3e-4) and trial.holdout_fraction == 0.05
     assert trial.eval_interval == 0 and trial.final_eval_iters == 0
 
@@ -146,7 +174,8 @@ def test_search_picks_the_argmin_and_the_run_trains_at_it(tmp_path, text_file, m
     out = tmp_path / "cmp"
     calls = Runs()
     monkeypatch.setattr(runs, "run_in_child", calls)
-    argv = ["compare", *tiny_flags(text_file, out), "--tune", "lr=1e-3,3e-2", "--models", "gpt", "--equal-time", "5"]
+    argv = ["compare", *tiny_flags(text_file, out), "--tune", "lr=1e-3,3e-2", "--models", "gpt", "--equal-time", "0.5",
+            "--tune-extend", "0"]
     assert main(argv) == 0
     assert calls.names == ["gpt-lr1e-03", "gpt-lr3e-02", "gpt", "gpt-time"]
     data = json.loads((out / "compare.json").read_text())
@@ -163,10 +192,13 @@ def test_search_picks_the_argmin_and_the_run_trains_at_it(tmp_path, text_file, m
         assert saved["data"]["val_tokens"] < saved["data"]["train_tokens"] // 10  # the slice, not validation
         assert [r["val_loss"] for r in metrics(out / trial["run_dir"]) if "val_loss" in r] == [trial["holdout_loss"]]
     assert record["cost"]["tokens"] == 2 * 32 and record["cost"]["time_s"] > 0
-    # equal time: the steps its measured rate makes of 5 s
+    # equal time: a budget of 0.5 s of training steps at the chosen rate, its step cap 4x what the rate fits
     timed = data["runs"]["gpt-time"]
+    saved = RunDir(out / "gpt-time").read_train_config()["train"]
     rate = data["runs"]["gpt"]["tokens_per_s"]
-    assert data["equal_time_target_s"] == 5 and timed["steps"] == max(1, round(5 * rate / 32)) and timed["lr"] == chosen
+    assert data["equal_time_target_s"] == 0.5 and saved["train_seconds"] == 0.5 and timed["lr"] == chosen
+    assert saved["max_iters"] == 4 * max(1, round(0.5 * rate / 32)) and saved["decay_iters"] is None
+    assert timed["stopped"] == "train_seconds" and timed["step_time_s"] >= 0.5
     assert "## Equal wall-clock" in (out / "compare.md").read_text()
 
 
@@ -190,7 +222,8 @@ def test_lr_given_is_held_and_contradictions_are_refused(tmp_path, text_file, mo
 
 def test_killed_search_resumes_where_it_stopped(tmp_path, text_file, monkeypatch, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", *tiny_flags(text_file, out, steps=8), "--tune", "lr=1e-3,3e-3", "--models", "bdh"]
+    argv = ["compare", *tiny_flags(text_file, out, steps=8), "--tune", "lr=1e-3,3e-3", "--tune-extend", "0",
+            "--models", "bdh"]
     first = Runs(stop_at=2)
     monkeypatch.setattr(runs, "run_in_child", first)
     assert main(argv) == 130

@@ -8,10 +8,11 @@ import torch
 
 from bdh import BDH, BDHConfig
 from bdh.cli import main
+from bdh.errors import UserError
 from bdh.train import TrainConfig, loop, train
-from bdh.train.optim import lr_at, make_optimizer
+from bdh.train.optim import lr_at, lr_on_clock, make_optimizer
 
-from tests.helpers import tiny_args
+from tests.helpers import metrics, tiny_args
 
 
 def test_weight_decay_only_on_matrices():
@@ -93,3 +94,56 @@ def test_time_budget_stops_early(tmp_path, text_file, monkeypatch):
     state = json.loads((run / "checkpoints" / (run / "latest").read_text().strip().split("/")[1]
                         / "trainer_state.json").read_text())
     assert 0 < state["step"] < 50
+
+
+class StepClock:
+    """A fake clock that only training steps advance (one second each): evaluations take no time."""
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        real = loop.forward_backward
+
+        def timed(*args, **kwargs):
+            self.now += 1.0
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "forward_backward", timed)
+        monkeypatch.setattr(loop.time, "monotonic", lambda: self.now)
+
+
+def trainer_state(run):
+    return json.loads((run / (run / "latest").read_text().strip() / "trainer_state.json").read_text())
+
+
+def test_train_seconds_is_a_budget_of_training_steps_with_the_decay_on_their_clock(tmp_path, text_file, monkeypatch):
+    StepClock(monkeypatch)
+    run = tmp_path / "run"
+    argv = tiny_args(text_file, run, "--train-seconds", "10", "--warmup-iters", "2", "--eval-interval", "3", steps=50)
+    assert main(argv) == 0
+    state = trainer_state(run)
+    # step k ends its gradients at clock k + 1; the budget is spent at step 10, the decay starts at step 2 (clock 3)
+    assert state["step"] == 10 and state["step_s"] == 10 and state["warm_s"] == 3
+    lrs = {r["step"]: r["lr"] for r in metrics(run) if "lr" in r}
+    want = {k + 1: lr_on_clock(k, k + 1.0, 3.0, 10.0, 1e-3, 1e-4, 2) for k in range(10)}
+    assert lrs == pytest.approx(want)
+    assert lrs[3] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-4)  # peak after warm-up, min_lr at the end
+    assert all(a >= b for a, b in zip(list(lrs.values())[2:], list(lrs.values())[3:]))
+
+
+def test_a_time_budget_resumed_goes_on_with_its_own_clock(tmp_path, text_file, monkeypatch):
+    StepClock(monkeypatch)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(tiny_args(text_file, whole, "--train-seconds", "8", "--warmup-iters", "2", steps=50)) == 0
+    assert main(tiny_args(text_file, split, "--train-seconds", "8", "--warmup-iters", "2", steps=4)) == 0
+    assert trainer_state(split)["step"] == 4  # stopped by max_iters, 4 s of the 8 spent
+    assert main(["train", "--resume", str(split), "--max-iters", "50"]) == 0
+    assert trainer_state(split)["step"] == trainer_state(whole)["step"] == 8
+    lrs = [{r["step"]: r["lr"] for r in metrics(run) if "lr" in r} for run in (whole, split)]
+    assert lrs[0] == pytest.approx(lrs[1])
+
+
+def test_train_seconds_and_a_fixed_decay_end_are_refused():
+    with pytest.raises(UserError, match="leave decay_iters unset"):
+        TrainConfig(train_seconds=10, decay_iters=500)
+    with pytest.raises(UserError, match="train_seconds must be positive"):
+        TrainConfig(train_seconds=0)
