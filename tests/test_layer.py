@@ -94,14 +94,18 @@ def test_sparse_readout_path_matches_op_by_op(T, C, block, p, keep, monkeypatch)
     v, Dx, Dy, E, rotors, _ = make(T, False)
     leaves = [v, Dx, Dy, E]
     need_state = block is None
-    used = []
-    monkeypatch.setattr(layer, "SparseY", lambda y: used.append(y) or SparseY(y))
-    torch.manual_seed(7)
+    used, drawn = [], []
+    monkeypatch.setattr(layer, "SparseY", lambda y: used.append(y.clone()) or SparseY(y))
+    monkeypatch.setattr(layer, "draw_kept", lambda n, p, like: drawn.append(torch.rand(n) >= p) or drawn[-1])
     z, state = fused_layer(v, Dx, Dy, E, rotors, None, DECAY, C, True, p, need_state, block, sparse_below=1.01)
-    torch.manual_seed(7)
-    keep_scale = (torch.rand(B, NH, T, N, dtype=torch.float64) >= p).double() / (1 - p) if p else None
-    z_ref, state_ref = reference_layer(v, Dx, Dy, E, rotors, None, DECAY, True, keep_scale)
     assert len(used) == 1 and 0 < (used[0] == 0).double().mean() < 1  # the sparse path ran, on a sparse y
+    keep_scale = None
+    if p:  # the mask drawn for y's non-zeros (the entries where y is zero stay zero whatever is drawn)
+        assert len(drawn) == 1 and drawn[0].numel() == used[0].count_nonzero() and not drawn[0].all()
+        keep_scale = torch.ones(B, NH, T, N, dtype=torch.float64)
+        keep_scale.view(-1)[used[0].view(-1) != 0] = drawn[0].double()
+        keep_scale /= 1 - p
+    z_ref, state_ref = reference_layer(v, Dx, Dy, E, rotors, None, DECAY, True, keep_scale)
     assert rel_err(z, z_ref) < 1e-12
     if not need_state:
         state = state_ref = torch.zeros(1, dtype=z.dtype)
@@ -192,3 +196,17 @@ def test_dropout_scale_keeps_each_entry_with_probability_one_minus_p():
     assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.9)
     assert abs(kept.float().mean().item() - 0.9) < 0.005  # 0.9 +- 7 standard errors
     assert abs((y * scale).mean().item() - 1.0) < 0.01  # unbiased: E[y * scale] = y
+
+
+def test_dropout_on_the_non_zeros_keeps_each_with_probability_one_minus_p():
+    torch.manual_seed(0)
+    kept = layer.draw_kept(200_000, 0.25, torch.zeros(1))
+    assert kept.dtype == torch.bool and abs(kept.double().mean().item() - 0.75) < 0.005  # SE ~ 0.001
+    y = torch.relu(torch.randn(2, 2, 8, 16)).double()
+    sy = SparseY(y)
+    mask = torch.rand(sy.flat.numel()) >= 0.5
+    dropped = sy.dropout(mask, 2.0)
+    dense = torch.zeros_like(y)
+    dense.view(-1)[sy.flat[mask]] = 2 * y.view(-1)[sy.flat[mask]]
+    assert torch.equal(dropped.Y.to_dense().view(2, 2, 8, 2, 16).sum(3), dense)  # each head in its own columns
+    assert torch.equal(dropped.matrix_t(dropped.Y.values()).to_dense(), dropped.Y.to_dense().t())

@@ -22,6 +22,8 @@ dq + dk costs one matmul because k = q:
     dD_x = v^T dx                 dv  = dx D_x^T + (attention's dv, summed over heads)
 Where y is sparse enough (sparse_below, measured per machine by bdh.ops.plan), the read-out and
 the first two lines run on y's non-zeros only (bdh.ops.sparse); the dense form is its tested twin.
+There, dropout draws its mask for y's non-zeros alone (a dropped zero stays zero): the same
+Bernoulli(1 - p) per entry, at the cost of a draw per non-zero rather than per entry of y.
 """
 
 from __future__ import annotations
@@ -81,12 +83,15 @@ class FusedLayer(torch.autograd.Function):
         del v_heads
         g = per_head(norm(a) if layernorm else a, Dy, out=None if keep_g else q).relu_()  # q is spent: reuse it
         y = torch.mul(g, x, out=q) if keep_g else g.mul_(x)  # B, nh, T, N
-        keep = None
-        if p > 0:
+        keep, ctx.sy = None, None
+        if sparse_below > 0 and y.count_nonzero().item() * (1 - p) < sparse_below * y.numel():
+            ctx.sy = SparseY(y)
+            if p > 0:  # dropout on y's non-zeros only: a dropped zero stays zero
+                ctx.sy = ctx.sy.dropout(draw_kept(ctx.sy.flat.numel(), p, y), 1 / (1 - p))
+        elif p > 0:
             scale = dropout_scale(y, p)
             y.mul_(scale)
             keep = scale != 0  # bool: a quarter of the memory
-        ctx.sy = SparseY(y) if sparse_below > 0 and y.count_nonzero().item() < sparse_below * y.numel() else None
         z = sparse_readout(ctx.sy, E) if ctx.sy is not None else per_head(y, E).sum(dim=1)  # B, T, D
         ctx.save_for_backward(v, Dx, Dy, E, rotors, a, s0, keep, lam, x if keep_x else None, g if keep_g else None)
         ctx.C, ctx.block, ctx.layernorm, ctx.p = C, block, layernorm, p
@@ -164,6 +169,11 @@ def dropout_scale(y: torch.Tensor, p: float) -> torch.Tensor:
     this function too, so both paths drop the same entries under the same seed.
     """
     return torch.rand(y.shape, dtype=y.dtype, device=y.device).ge_(p).mul_(1 / (1 - p))
+
+
+def draw_kept(n: int, p: float, like: torch.Tensor) -> torch.Tensor:
+    """Which of n entries dropout keeps (bool, n): each with probability 1 - p, as dropout_scale draws."""
+    return torch.rand(n, dtype=like.dtype, device=like.device) >= p
 
 
 def _unrotation_inverse(rotors, like):

@@ -52,6 +52,15 @@ class SparseY:
         self._transpose = None
         self.Y = self.matrix(flat[self.flat])
 
+    def dropout(self, kept: torch.Tensor, scale: float) -> "SparseY":
+        """y after dropout: only the kept non-zeros (kept: bool, nnz), each times scale."""
+        out = SparseY.__new__(SparseY)
+        B, nh, T, N = out.shape = self.shape
+        out.flat, out.rows, out.wide_col = self.flat[kept], self.rows[kept], self.wide_col[kept]
+        out.crow, out._transpose = _offsets(out.rows, B * nh * T), None
+        out.Y = out.matrix(self.Y.values()[kept] * scale)
+        return out
+
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """A CSR (B nh T, nh N) with y's pattern and these values (nnz, in y's row-major order)."""
         B, nh, T, N = self.shape
