@@ -1,7 +1,9 @@
 """The default `bdh` training step against the authors' form (benchmarks/authors_form.py).
 
 Same config and weights, one forward + backward + AdamW step, median of --repeats steps after one
-untimed step, each (form, T, dropout) in a fresh process so that its peak RSS is its own. The
+untimed step, each (form, T) in a fresh process so that its peak RSS is its own (the peak over its
+dropouts). Within that process the steps at each --dropout take turns (round robin), so that a
+slower moment of the machine falls on every dropout alike and their difference is the dropout's. The
 batch is --tokens-per-step / T sequences of T tokens. The JSON records the CPU model and whether
 it has AVX-512 and AVX2 (benchmarks/common.py), the ratios of tokens/s and of peak memory, and
 the first-step losses (equal to ~1e-5 at dropout 0: the same computation), the multiply-adds each
@@ -34,16 +36,17 @@ import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[6])
 from authors_form import AuthorsForm
 from bdh import BDH, BDHConfig
-form, preset, T, B, p, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[7])
+form, preset, T, B, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[7])
+ps = [float(v) for v in sys.argv[5].split(",")]  # dropouts, their steps interleaved
 ckpt = sys.argv[8]
 torch.manual_seed(0)
-if ckpt:  # trained weights: its config, this dropout
+if ckpt:  # trained weights: its config
     from bdh.checkpoint import load_model
     trained = load_model(ckpt)
-    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), "dropout": p}))
+    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), "dropout": max(ps)}))
     model.load_state_dict(trained.state_dict())
 else:
-    model = BDH(BDHConfig.from_name(preset, dropout=p))
+    model = BDH(BDHConfig.from_name(preset, dropout=max(ps)))
 if form == "plan":  # calibrate in a process of its own, so that its buffers are not in the timed one's peak
     from bdh.ops.plan import sparse_below
     c = model.config
@@ -64,39 +67,52 @@ else:
     x = torch.randint(0, 256, (B, T), generator=g)
     y = torch.randint(0, 256, (B, T), generator=g)
 
-losses = []
-def step():
+def set_dropout(p):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+losses = {}
+def step(p):
+    set_dropout(p)
     out = model(x, y, return_state=False).loss if form == "bdh" else model(x, y)[1]
     opt.zero_grad(set_to_none=True)
     out.backward()
     opt.step()
-    losses.append(out.item())
-step()
-times = []
-for _ in range(repeats):
-    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+    losses.setdefault(p, out.item())
+for p in ps:
+    step(p)
+times = {p: [] for p in ps}
+for _ in range(repeats):  # round robin: a slower moment of the machine is shared by every dropout
+    for p in ps:
+        t0 = time.perf_counter(); step(p); times[p].append(time.perf_counter() - t0)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 density = []  # of y over the layers, after the timed steps (the op-by-op forward that shows it is not timed)
 if form == "bdh":
     with torch.no_grad(), model.capture(lambda site, layer, t: site == "y" and density.append((t != 0).float().mean().item())):
         model(x)
-print(json.dumps({"times": times, "loss": losses[0], "peak_rss_bytes": peak,
+print(json.dumps({"times": [times[p] for p in ps], "loss": [losses[p] for p in ps], "peak_rss_bytes": peak,
                   "y_density": round(sum(density) / len(density), 4) if density else None}))
 """
 
 
-def run(form: str, preset: str, T: int, B: int, p: float, repeats: int, ckpt: str = "") -> dict:
+def run(form: str, preset: str, T: int, B: int, dropouts: list[float], repeats: int, ckpt: str = "") -> list[dict]:
+    """One process per form and length: its steps at each dropout interleaved; a result per dropout."""
     here = str(Path(__file__).resolve().parent)
-    cmd = [sys.executable, "-c", WORKER, form, preset, str(T), str(B), str(p), here, str(repeats), ckpt]
+    cmd = [sys.executable, "-c", WORKER, form, preset, str(T), str(B), ",".join(map(str, dropouts)), here,
+           str(repeats), ckpt]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
+        return [{"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}] * len(dropouts)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     if form == "plan":
         return r
-    t = median(r["times"])
-    return {"tokens_per_s": round(B * T / t, 1), "step_s": round(t, 4), "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20),
-            "first_loss": r["loss"], "y_density": r["y_density"]}
+    results = []
+    for times, loss in zip(r["times"], r["loss"]):
+        t = median(times)
+        results.append({"tokens_per_s": round(B * T / t, 1), "step_s": round(t, 4),
+                        "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20), "first_loss": loss,
+                        "y_density": r["y_density"]})
+    return results
 
 
 def main(argv=None) -> int:
@@ -116,9 +132,10 @@ def main(argv=None) -> int:
     rows = []
     for T in args.seq:
         B = max(1, args.tokens_per_step // T)
-        plan = run("plan", args.preset, T, B, 0.0, 0, args.ckpt)  # bdh.ops.plan: measured once, then cached
-        for dropout in args.dropout:
-            forms = {form: run(form, args.preset, T, B, dropout, args.repeats, args.ckpt) for form in ("bdh", "authors")}
+        plan = run("plan", args.preset, T, B, [0.0], 0, args.ckpt)  # bdh.ops.plan: measured once, then cached
+        by_form = {form: run(form, args.preset, T, B, args.dropout, args.repeats, args.ckpt) for form in ("bdh", "authors")}
+        for i, dropout in enumerate(args.dropout):
+            forms = {form: results[i] for form, results in by_form.items()}
             row = {"preset": args.preset, "ckpt": args.ckpt or None, "T": T, "batch": B, "dropout": dropout,
                    "engine": plan.get("plan"), "sparse_readout_below": plan.get("sparse_below"),
                    "y_density": forms["bdh"].get("y_density"), "forms": forms}
