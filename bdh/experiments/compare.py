@@ -137,7 +137,8 @@ def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None 
     curves = {n: data["runs"][n] for n in names}
     plots.plot_curves(curves, "tokens", out / FIG_TOKENS, title + " (equal tokens)")
     timed = {n: data["runs"][data["equal_time_runs"].get(n, n)] for n in names}
-    plots.plot_curves(timed, "elapsed_s", out / FIG_TIME, title + (" (equal time)" if equal_time else ""))
+    clock = "step_s" if all("step_s" in p for run in timed.values() for p in run["curve"]) else "elapsed_s"
+    plots.plot_curves(timed, clock, out / FIG_TIME, title + (" (equal time)" if equal_time else ""))
     atomic_write_bytes(out / REPORT, render(data).encode("utf-8"))
     manifest.save()
     say(f"bdh compare: wrote {out / REPORT}, {out / MANIFEST}, {out / FIG_TOKENS} and {out / FIG_TIME}; "

@@ -25,19 +25,19 @@ def _figure(width: float = 7.0, height: float = 4.3):
 
 
 def plot_curves(runs: dict[str, dict[str, Any]], x: str, path: Path, title: str) -> None:
-    """Validation loss of every run against tokens seen (x="tokens") or training time (x="elapsed_s")."""
+    """Validation loss of every run against tokens seen (x="tokens"), seconds of training steps
+    (x="step_s", validation not counted) or wall-clock time (x="elapsed_s", validation included)."""
     fig, ax = _figure()
-    longest = max(p["elapsed_s"] for run in runs.values() for p in run["curve"])
-    minutes = x == "elapsed_s" and longest > 600
+    longest = max(p[x] for run in runs.values() for p in run["curve"])
+    minutes = x != "tokens" and longest > 600
     for name, run in runs.items():
         xs = np.array([p[x] for p in run["curve"]], dtype=float) / (60 if minutes else 1)
         ys = [p["val_loss"] for p in run["curve"]]
         ax.plot(xs, ys, "o-", ms=3, color=COLOURS.get(run["model_type"]),
                 label=f"{LABELS.get(run['model_type'], name)} ({run['params']:,} parameters)")
-    if x == "tokens":
-        ax.set_xlabel("training tokens seen")
-    else:
-        ax.set_xlabel(f"training wall-clock time ({'min' if minutes else 's'}, validation included)")
+    unit = "min" if minutes else "s"
+    ax.set_xlabel({"tokens": "training tokens seen", "step_s": f"time in training steps ({unit}, validation not counted)",
+                   "elapsed_s": f"training wall-clock time ({unit}, validation included)"}[x])
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

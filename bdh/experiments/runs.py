@@ -274,7 +274,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     records = rundir.read_metrics()
     state = read_trainer_state(run_dir) or {}
     curve = [{"step": r["step"], "tokens": r["tokens"], "elapsed_s": r["elapsed_s"], "val_loss": r["val_loss"],
-              "val_bpb": r["val_bpb"]} for r in records if "val_loss" in r]
+              "val_bpb": r["val_bpb"], **({"step_s": r["step_s"]} if "step_s" in r else {})}
+             for r in records if "val_loss" in r]
     if not curve:
         raise UserError(f"{rundir.metrics_file} holds no validation loss")
     final, best = curve[-1], min(curve, key=lambda p: p["val_loss"])

@@ -41,24 +41,23 @@ class SparseY:
     """
 
     def __init__(self, y: torch.Tensor):
-        B, nh, T, N = y.shape
-        R = B * nh * T
         flat = y.reshape(-1)
-        self.shape = (B, nh, T, N)
-        self.flat = torch.nonzero(flat).squeeze(1)  # nnz: positions in y.view(-1), row-major
-        self.rows = self.flat.div(N, rounding_mode="floor")  # nnz: the (b, h, t) row
-        self.wide_col = self.flat - self.rows * N + (self.rows // T % nh) * N  # nnz: column, heads side by side
-        self.crow = _offsets(self.rows, R)
+        positions = torch.nonzero(flat).squeeze(1)  # nnz: positions in y.view(-1), row-major
+        self._build(tuple(y.shape), positions, flat[positions])
+
+    def _build(self, shape, positions: torch.Tensor, values: torch.Tensor) -> None:
+        B, nh, T, N = self.shape = shape
+        self.flat = positions  # nnz
+        self.rows = positions.div(N, rounding_mode="floor")  # nnz: the (b, h, t) row
+        self.wide_col = positions - self.rows * N + (self.rows // T % nh) * N  # nnz: column, heads side by side
+        self.crow = _offsets(self.rows, B * nh * T)
         self._transpose = None
-        self.Y = self.matrix(flat[self.flat])
+        self.Y = self.matrix(values)
 
     def dropout(self, kept: torch.Tensor, scale: float) -> "SparseY":
         """y after dropout: only the kept non-zeros (kept: bool, nnz), each times scale."""
         out = SparseY.__new__(SparseY)
-        B, nh, T, N = out.shape = self.shape
-        out.flat, out.rows, out.wide_col = self.flat[kept], self.rows[kept], self.wide_col[kept]
-        out.crow, out._transpose = _offsets(out.rows, B * nh * T), None
-        out.Y = out.matrix(self.Y.values()[kept] * scale)
+        out._build(self.shape, self.flat[kept], self.Y.values()[kept] * scale)
         return out
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:

@@ -453,10 +453,12 @@ class Trainer:
         self.window = (time.monotonic(), p.tokens_seen)
         bar = tqdm(total=cfg.max_iters, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.main, file=sys.stderr, mininterval=0.5)
-        stopped = "max_iters"
+        # a resumed time budget may be spent already (every process has the checkpoint's clock); later,
+        # only the clock agreed in each step's collective decides, so that every process stops together
+        stopped = "train_seconds" if self.budget_spent(p.step_s) else "max_iters"
         try:
             with self.sigint_flag():
-                while p.step < cfg.max_iters and not self.budget_spent(p.step_s):
+                while p.step < cfg.max_iters and stopped == "max_iters":
                     loss, lr, stop = self.step()
                     self.after_step(loss, lr, bar, last=stop is not None or p.step >= cfg.max_iters)
                     if stop:
@@ -580,7 +582,8 @@ class Trainer:
         if not self.main:
             return
         p = self.run.progress
-        record = {"step": p.step, "tokens": p.tokens_seen, **train, "elapsed_s": round(self.elapsed(), 3)}
+        record = {"step": p.step, "tokens": p.tokens_seen, **train, "elapsed_s": round(self.elapsed(), 3),
+                  "step_s": round(p.step_s, 3)}
         if val is not None:
             record.update(val.metrics("val_"), val_loss_se=val.se, val_batches=val.batches)
             if final:

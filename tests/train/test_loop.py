@@ -45,7 +45,7 @@ def test_train_run_writes_metrics_checkpoint_and_sample(tmp_path, text_file, cap
     assert '"block_size": 16' in out and "--- sample (12 tokens) ---\nThe " in out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for key in ("tokens", "train_loss", "lr", "tokens_per_s", "elapsed_s"):
+    for key in ("tokens", "train_loss", "lr", "tokens_per_s", "elapsed_s", "step_s"):
         assert all(key in r for r in records)
     assert records[-1]["tokens"] == 4 * 2 * 16
     evals = [r for r in records if "val_loss" in r]
@@ -97,18 +97,36 @@ def test_time_budget_stops_early(tmp_path, text_file, monkeypatch):
 
 
 class StepClock:
-    """A fake clock that only training steps advance (one second each): evaluations take no time."""
+    """A fake clock that only training steps advance (`seconds` each): evaluations take no time."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, seconds: float = 1.0):
         self.now = 0.0
         real = loop.forward_backward
 
         def timed(*args, **kwargs):
-            self.now += 1.0
+            self.now += seconds
             return real(*args, **kwargs)
 
         monkeypatch.setattr(loop, "forward_backward", timed)
         monkeypatch.setattr(loop.time, "monotonic", lambda: self.now)
+
+
+def test_the_budget_stops_on_the_clock_every_process_agreed_on(tmp_path, text_file, monkeypatch):
+    """The stop is decided on the clock of the step's collective (before its optimizer update), never on
+    a process's own clock after it, which processes can disagree on: the reason given is the budget."""
+    clock = StepClock(monkeypatch, seconds=0.5)
+    real_set_lr = loop.set_lr
+
+    def slow_update(*args):  # the optimizer's half of each step: after the collective
+        clock.now += 0.5
+        real_set_lr(*args)
+
+    monkeypatch.setattr(loop, "set_lr", slow_update)
+    cfg = TrainConfig(preset="tiny", data=str(text_file), out=str(tmp_path / "run"), batch_size=2, block_size=16,
+                      max_iters=50, train_seconds=10, eval_interval=0, eval_iters=1, sample_tokens=0, device="cpu")
+    result = train(cfg)
+    # step k's collective sees k + 0.5 s: the first at or past 10 s is step 10, the 11th
+    assert result.stopped == "train_seconds" and result.step == 11
 
 
 def trainer_state(run):
