@@ -59,7 +59,7 @@ from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
 from bdh.ops.chunked import CHUNK_SIZE
 from bdh.ops.gated import gated_decode_layer, get_gated_attention
-from bdh.ops.layer import dropout_scale, fused_layer, norm
+from bdh.ops.layer import Rotors, dropout_scale, fused_layer, norm
 from bdh.ops.plan import Plan, plan_for, sparse_below
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
 from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
@@ -204,13 +204,14 @@ class BDH(ModelBase):
         forms = get_gated_attention if gated else get_attention
         attn = None if plan else forms(self.engine(T, state is not None, return_state), self._chunk_size())
         rotors = self._rope(idx, state)  # 1|B, nh, T, N/2 complex
+        shared = Rotors(rotors) if plan else None  # what the fused backward derives from them, made once
         v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, T, D
         x = None
         rho, handed_on = [], []
         for layer in range(c.n_layer):
             s0 = None if state is None else state.rho[layer]
             if plan:
-                z, rho_l = fused_layer(v.squeeze(1), self.encoder, self.encoder_v, self._E(), rotors, s0, self.decay,
+                z, rho_l = fused_layer(v.squeeze(1), self.encoder, self.encoder_v, self._E(), shared, s0, self.decay,
                                        plan.chunk, c.layernorm, self.drop.p if self.training else 0.0, return_state,
                                        plan.block, sparse)
                 z = z.unsqueeze(1)  # B, 1, T, D

@@ -210,3 +210,27 @@ def test_dropout_on_the_non_zeros_keeps_each_with_probability_one_minus_p():
     dense.view(-1)[sy.flat[mask]] = 2 * y.view(-1)[sy.flat[mask]]
     assert torch.equal(dropped.Y.to_dense().view(2, 2, 8, 2, 16).sum(3), dense)  # each head in its own columns
     assert torch.equal(dropped.matrix_t(dropped.Y.values()).to_dense(), dropped.Y.to_dense().t())
+
+
+def test_rotors_derive_the_unrotation_once_for_every_layer():
+    _, _, _, _, rotors, _ = make(12, False)
+    rot = layer.Rotors(rotors)
+    assert rot.conj() is rot.conj() and torch.equal(rot.conj(), rotors.conj())
+    inverse = rot.inverse_conj(torch.float64)
+    assert inverse is rot.inverse_conj(torch.float64) and inverse.dtype == torch.complex128
+    assert torch.allclose(inverse * rotors.conj().to(torch.complex128), torch.ones_like(inverse))
+    # two layers sharing one Rotors: the same outputs and gradients as each with its own
+    v, Dx, Dy, E, rotors, _ = make(12, False)
+    leaves = [v, Dx, Dy, E]
+
+    def two(rot_a, rot_b):
+        z = fused_layer(v, Dx, Dy, E, rot_a, chunk_size=4)[0]
+        return fused_layer(v + z, Dx, Dy, E, rot_b, chunk_size=4)[0]
+
+    shared = layer.Rotors(rotors)
+    z, z_ref = two(shared, shared), two(rotors, rotors)
+    assert torch.equal(z, z_ref)
+    zero = torch.zeros(1, dtype=z.dtype)
+    for g, g_ref in zip(grads_of(z, zero, leaves), grads_of(z_ref, zero, leaves)):
+        assert torch.equal(g, g_ref)
+    assert shared._conj is not None and list(shared._inverse) == [torch.float64]

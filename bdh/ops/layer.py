@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from bdh.ops.chunked import Weights, attend, attend_backward, attend_direct, attend_direct_backward, uses_states
-from bdh.ops.rope import apply_rope_complex, rotate_, unrotate_
+from bdh.ops.rope import apply_rope_complex, rotate_
 from bdh.ops.sparse import SparseY, sparse_readout, sparse_readout_backward
 
 
@@ -49,7 +49,8 @@ def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, laye
 
     v: (B, T, D); Dx, Dy: (nh, D, N); E: (nh, N, D); rotors: (1 | B, nh, T, N/2) complex;
     s0: (B, nh, N, D) or None; decay: (nh,) or None; chunk_size must divide T (None: T, the
-    quadratic form); dropout: probability of dropping each y entry (0 when not training);
+    quadratic form); rotors may also be a Rotors (shared by the layers of one forward);
+    dropout: probability of dropping each y entry (0 when not training);
     block: the quadratic form in row blocks of this length (bdh.ops.plan: direct/b), which needs
     chunk_size T (or None), no s0 and need_state False; sparse_below: where fewer than this share
     of y's entries are non-zero, the read-out and its backward skip the zeros (bdh.ops.sparse).
@@ -60,19 +61,20 @@ def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, laye
         raise ValueError(f"fused_layer needs the chunk size ({C}) to divide the sequence length ({T})")
     if block is not None and (C != T or s0 is not None or need_state or T % block):
         raise ValueError(f"fused_layer's row blocks ({block}) need one chunk of T ({T}) that they divide, no states")
-    return FusedLayer.apply(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, dropout, need_state, block, sparse_below)
+    rot = rotors if isinstance(rotors, Rotors) else Rotors(rotors)
+    return FusedLayer.apply(v, Dx, Dy, E, rot, s0, decay, C, layernorm, dropout, need_state, block, sparse_below)
 
 
 class FusedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, Dx, Dy, E, rotors, s0, lam, C, layernorm, p, need_state, block, sparse_below):
+    def forward(ctx, v, Dx, Dy, E, rot, s0, lam, C, layernorm, p, need_state, block, sparse_below):
         B, T, D = v.shape
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
         v_heads = _heads(v, nh)  # B, nh, T, D
         keep_x, keep_g = kept(big, v.element_size())
         x = _neurons(v_heads, Dx, out=None if keep_x else SCRATCH.get(1, big, v))  # B, nh, T, N
-        q = apply_rope_complex(x, rotors, out=SCRATCH.get(0, big, v))
+        q = apply_rope_complex(x, rot.r, out=SCRATCH.get(0, big, v))
         w = Weights(lam, C, q.dtype)
         ctx.scores = None
         if block:
@@ -93,14 +95,16 @@ class FusedLayer(torch.autograd.Function):
             y.mul_(scale)
             keep = scale != 0  # bool: a quarter of the memory
         z = sparse_readout(ctx.sy, E) if ctx.sy is not None else per_head(y, E).sum(dim=1)  # B, T, D
-        ctx.save_for_backward(v, Dx, Dy, E, rotors, a, s0, keep, lam, x if keep_x else None, g if keep_g else None)
+        ctx.save_for_backward(v, Dx, Dy, E, a, s0, keep, lam, x if keep_x else None, g if keep_g else None)
+        ctx.rot = rot
         ctx.C, ctx.block, ctx.layernorm, ctx.p = C, block, layernorm, p
         ctx.has_states = uses_states(T, C, s0, need_state)
         return z, final
 
     @staticmethod
     def backward(ctx, dz, d_final):
-        v, Dx, Dy, E, rotors, a, s0, keep, lam, kept_x, kept_g = ctx.saved_tensors
+        v, Dx, Dy, E, a, s0, keep, lam, kept_x, kept_g = ctx.saved_tensors
+        rot, rotors = ctx.rot, ctx.rot.r
         B, T, D = v.shape
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
@@ -118,7 +122,7 @@ class FusedLayer(torch.autograd.Function):
             x, q, dx, dE, dDy, da = _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward,
                                                             dz_heads, scale, kept_x, kept_g)
         w = Weights(lam, ctx.C, q.dtype)
-        dq_into = rotate_(dx, _unrotation_inverse(rotors, dx))
+        dq_into = rotate_(dx, rot.inverse_conj(dx.dtype))
         if ctx.block:
             _, dv_heads = attend_direct_backward(q, v_heads, w, ctx.block, da, dq_into=dq_into, scores=ctx.scores)
             ctx.scores = None
@@ -126,7 +130,7 @@ class FusedLayer(torch.autograd.Function):
         else:
             _, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, s0, ctx.has_states, w, ctx.C, da, d_final,
                                                    shared_qk=True, dq_into=dq_into)
-        dx = relu_backward_(unrotate_(dx, rotors), x)  # B, nh, T, N
+        dx = relu_backward_(rotate_(dx, rot.conj()), x)  # unrotated: B, nh, T, N
         dDx = weight_grad(v_heads, dx)  # nh, D, N
         dv = per_head(dx, Dx.transpose(-1, -2)).sum(dim=1) + dv_heads.sum(dim=1)  # B, T, D
         d_s0 = d_s0 if ctx.needs_input_grad[5] else None
@@ -176,13 +180,29 @@ def draw_kept(n: int, p: float, like: torch.Tensor) -> torch.Tensor:
     return torch.rand(n, dtype=like.dtype, device=like.device) >= p
 
 
-def _unrotation_inverse(rotors, like):
-    """1 / conj(r) in like's precision: rotating by it, then unrotating (by conj(r)), is the identity.
+class Rotors:
+    """RoPE's rotors r (1 | B, nh, T, N/2) complex, and what the backward derives from them, made
+    once and shared by every layer of a forward (the model passes one Rotors to all its layers):
+    at T = 2048 each derived tensor cost a pass of 10-20 ms per layer."""
 
-    (Rotating by r itself would scale by |r|^2, which differs from 1 by up to 1e-7 in complex64.)
-    """
-    wide = rotors.to(torch.complex128 if like.dtype == torch.float64 else torch.complex64)
-    return 1 / wide.conj()
+    def __init__(self, r: torch.Tensor):
+        self.r = r
+        self._conj = None
+        self._inverse: dict[torch.dtype, torch.Tensor] = {}
+
+    def conj(self) -> torch.Tensor:
+        """conj(r) as a tensor (rotating by it unrotates; a lazy conjugate is 3x slower to multiply)."""
+        if self._conj is None:
+            self._conj = self.r.conj().resolve_conj()
+        return self._conj
+
+    def inverse_conj(self, dtype: torch.dtype) -> torch.Tensor:
+        """1 / conj(r) in the precision of dtype: rotating by it, then unrotating (by conj(r)), is the
+        identity. (Rotating by r itself would scale by |r|^2, which differs from 1 by up to 1e-7 in complex64.)"""
+        if dtype not in self._inverse:
+            wide = self.r.to(torch.complex128 if dtype == torch.float64 else torch.complex64)
+            self._inverse[dtype] = 1 / wide.conj()
+        return self._inverse[dtype]
 
 
 def _neurons(v_heads, Dx, out):

@@ -73,8 +73,3 @@ def rotate_(x: torch.Tensor, rotors: torch.Tensor) -> torch.Tensor:
     """apply_rope_complex in place: x (B, nh, T, N) contiguous float32/float64."""
     torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rotors)  # B, nh, T, N/2
     return x
-
-
-def unrotate_(d: torch.Tensor, rotors: torch.Tensor) -> torch.Tensor:
-    """The inverse rotation (the gradient of apply_rope_complex), in place: d (B, nh, T, N) contiguous."""
-    return rotate_(d, rotors.conj().resolve_conj())  # the conjugate as a tensor: 3x faster than a lazy conj
