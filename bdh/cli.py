@@ -817,7 +817,8 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("train_step", "vs_authors", "generate", "sparse_decode", "sparse_readout", "weight_products")
+BENCHMARKS = ("train_step", "vs_authors", "generate", "sparse_decode", "sparse_readout", "weight_products",
+              "profile_step")
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:

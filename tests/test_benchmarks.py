@@ -17,6 +17,7 @@ CASES = {
     "sparse_readout": ["--preset", "tiny", "--tokens", "64", "--seq", "16", "--densities", "0.05", "0.5",
                        "--repeats", "1"],
     "weight_products": ["--preset", "tiny", "--tokens", "64", "--seq", "16", "32", "--repeats", "1"],
+    "profile_step": ["--preset", "tiny", "--seq", "16", "--batch", "2", "--warmup", "1", "--steps", "1", "--top", "5"],
 }
 
 
@@ -34,5 +35,8 @@ def test_benchmark_runs_and_writes_its_json(name, tmp_path):
             assert row["speedup"] > 0 and row["engine"].startswith("fused:")
             if row["dropout"] == 0:
                 assert row["first_loss_diff"] < 1e-4  # the same computation
+    if name == "profile_step":
+        ops = result["results"]
+        assert len(ops) == 5 and result["self_cpu_s"] >= sum(op["self_cpu_ms"] for op in ops) / 1e3 > 0
     if name == "sparse_readout":
         assert all(r["max_abs_diff"] < 1e-5 for r in result["results"])

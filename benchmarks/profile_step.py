@@ -1,0 +1,94 @@
+"""Where a training step's time goes: the torch profiler over a few steps of the default path.
+
+One forward + backward + AdamW step of BDH as `bdh train` takes it (fresh weights of a preset, or
+with --ckpt trained weights on windows of the default corpus, where y is as sparse as in
+training), after --warmup untimed steps (the first calibrates the fused layer's plan). The JSON
+gives the total self CPU time of the profiled steps and the ops that took most of it, grouped by
+input shapes, so that two commits can be compared op by op on one machine even where wall-clock
+timings move with the machine's load:
+
+    python benchmarks/profile_step.py --ckpt runs/race-900/bdh-time --seq 2048 --batch 1
+    PYTHONPATH=<other checkout> python benchmarks/profile_step.py ...   # the same step of another commit
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from common import add_out_args, check_out, emit
+from torch.profiler import profile, record_function
+
+from bdh import BDH, BDHConfig
+
+
+def make_model(preset: str, ckpt: str, dropout: float) -> BDH:
+    if not ckpt:
+        return BDH(BDHConfig.from_name(preset, dropout=dropout))
+    from bdh.checkpoint import load_model
+    trained = load_model(ckpt)
+    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), "dropout": dropout}))
+    model.load_state_dict(trained.state_dict())
+    return model
+
+
+def batches(ckpt: str, T: int, B: int, vocab: int):
+    """(x, y) of B windows of T tokens: the default corpus with --ckpt, else random tokens."""
+    g = torch.Generator().manual_seed(1)
+    if ckpt:
+        from bdh.data import load_corpus
+        data = torch.tensor(list(load_corpus("shakespeare").train[:200_000].encode()), dtype=torch.long)
+    else:
+        data = torch.randint(0, vocab, (200_000,), generator=g)
+    while True:
+        starts = torch.randint(0, len(data) - T - 1, (B,), generator=g)
+        yield (torch.stack([data[s:s + T] for s in starts]), torch.stack([data[s + 1:s + T + 1] for s in starts]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--ckpt", default="", help="trained weights (their config; --preset is then ignored)")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="steps profiled")
+    p.add_argument("--top", type=int, default=25, help="ops listed, by self CPU time")
+    add_out_args(p)
+    args = p.parse_args(argv)
+    check_out(args)
+    torch.manual_seed(0)
+    model = make_model(args.preset, args.ckpt, args.dropout).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = batches(args.ckpt, args.seq, args.batch, model.config.vocab_size)
+
+    def step():
+        x, y = next(data)
+        loss = model(x, y, return_state=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    with profile(record_shapes=True) as prof:
+        for _ in range(args.steps):
+            with record_function("training step"):
+                step()
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.key != "training step"]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    total_ms = sum(e.self_cpu_time_total for e in events) / 1e3
+    top = [{"op": e.key, "shapes": str(e.input_shapes), "calls": e.count,
+            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)} for e in events[:args.top]]
+    emit("profile_step", {"preset": args.preset, "ckpt": args.ckpt or None, "T": args.seq, "batch": args.batch,
+                          "dropout": args.dropout, "engine": model.engine(args.seq, False, False, batch=args.batch),
+                          "steps": args.steps, "self_cpu_s": round(total_ms / 1e3, 3),
+                          "self_cpu_s_per_step": round(total_ms / 1e3 / args.steps, 3), "results": top},
+         args.out, args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
