@@ -95,7 +95,7 @@ def test_sparse_readout_path_matches_op_by_op(T, C, block, p, keep, monkeypatch)
     leaves = [v, Dx, Dy, E]
     need_state = block is None
     used, drawn = [], []
-    monkeypatch.setattr(layer, "SparseY", lambda y: used.append(y.clone()) or SparseY(y))
+    monkeypatch.setattr(layer, "SparseY", lambda y, *drop: used.append(y.clone()) or SparseY(y, *drop))
     monkeypatch.setattr(layer, "draw_kept", lambda n, p, like: drawn.append(torch.rand(n) >= p) or drawn[-1])
     z, state = fused_layer(v, Dx, Dy, E, rotors, None, DECAY, C, True, p, need_state, block, sparse_below=1.01)
     assert len(used) == 1 and 0 < (used[0] == 0).double().mean() < 1  # the sparse path ran, on a sparse y
@@ -205,7 +205,7 @@ def test_dropout_on_the_non_zeros_keeps_each_with_probability_one_minus_p():
     y = torch.relu(torch.randn(2, 2, 8, 16)).double()
     sy = SparseY(y)
     mask = torch.rand(sy.flat.numel()) >= 0.5
-    dropped = sy.dropout(mask, 2.0)
+    dropped = SparseY(y, lambda n: mask, 2.0)
     dense = torch.zeros_like(y)
     dense.view(-1)[sy.flat[mask]] = 2 * y.view(-1)[sy.flat[mask]]
     assert torch.equal(dropped.Y.to_dense().view(2, 2, 8, 2, 16).sum(3), dense)  # each head in its own columns

@@ -87,9 +87,8 @@ class FusedLayer(torch.autograd.Function):
         y = torch.mul(g, x, out=q) if keep_g else g.mul_(x)  # B, nh, T, N
         keep, ctx.sy = None, None
         if sparse_below > 0 and y.count_nonzero().item() * (1 - p) < sparse_below * y.numel():
-            ctx.sy = SparseY(y)
-            if p > 0:  # dropout on y's non-zeros only: a dropped zero stays zero
-                ctx.sy = ctx.sy.dropout(draw_kept(ctx.sy.flat.numel(), p, y), 1 / (1 - p))
+            dropout = (lambda n: draw_kept(n, p, y), 1 / (1 - p)) if p > 0 else ()  # on y's non-zeros only
+            ctx.sy = SparseY(y, *dropout)
         elif p > 0:
             scale = dropout_scale(y, p)
             y.mul_(scale)

@@ -27,6 +27,7 @@ are tested against (tests/test_sparse_readout.py).
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 
@@ -40,25 +41,21 @@ class SparseY:
     product otherwise converts it anew each time, which cost more than the product itself.
     """
 
-    def __init__(self, y: torch.Tensor):
+    def __init__(self, y: torch.Tensor, kept_of: Callable[[int], torch.Tensor] | None = None, scale: float = 1.0):
+        """kept_of: dropout on y's non-zeros (a dropped zero stays zero): n -> which of the n
+        non-zeros to keep (bool, n); the kept ones are multiplied by scale."""
+        B, nh, T, N = self.shape = tuple(y.shape)
         flat = y.reshape(-1)
-        positions = torch.nonzero(flat).squeeze(1)  # nnz: positions in y.view(-1), row-major
-        self._build(tuple(y.shape), positions, flat[positions])
-
-    def _build(self, shape, positions: torch.Tensor, values: torch.Tensor) -> None:
-        B, nh, T, N = self.shape = shape
-        self.flat = positions  # nnz
-        self.rows = positions.div(N, rounding_mode="floor")  # nnz: the (b, h, t) row
-        self.wide_col = positions - self.rows * N + (self.rows // T % nh) * N  # nnz: column, heads side by side
+        self.flat = torch.nonzero(flat).squeeze(1)  # nnz: positions in y.view(-1), row-major
+        values = flat[self.flat]
+        if kept_of is not None:
+            kept = kept_of(self.flat.numel())
+            self.flat, values = self.flat[kept], values[kept] * scale
+        self.rows = self.flat.div(N, rounding_mode="floor")  # nnz: the (b, h, t) row
+        self.wide_col = self.flat - self.rows * N + (self.rows // T % nh) * N  # nnz: column, heads side by side
         self.crow = _offsets(self.rows, B * nh * T)
         self._transpose = None
         self.Y = self.matrix(values)
-
-    def dropout(self, kept: torch.Tensor, scale: float) -> "SparseY":
-        """y after dropout: only the kept non-zeros (kept: bool, nnz), each times scale."""
-        out = SparseY.__new__(SparseY)
-        out._build(self.shape, self.flat[kept], self.Y.values()[kept] * scale)
-        return out
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """A CSR (B nh T, nh N) with y's pattern and these values (nnz, in y's row-major order)."""
