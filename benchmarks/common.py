@@ -121,3 +121,30 @@ def _or_exit(action) -> None:
 
 def self_usage() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bdh_model(preset: str, ckpt: str, dropout: float):
+    """A BDH of a preset (fresh weights), or with ckpt the trained weights and config of that checkpoint, at this dropout."""
+    from bdh import BDH, BDHConfig
+    from bdh.checkpoint import load_model
+    if not ckpt:
+        return BDH(BDHConfig.from_name(preset, dropout=dropout))
+    trained = load_model(ckpt)
+    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), "dropout": dropout}))
+    model.load_state_dict(trained.state_dict())
+    return model
+
+
+def token_batches(ckpt: str, T: int, B: int, vocab: int):
+    """(x, y) of B sequences of T tokens, again and again: with ckpt, windows of the default corpus
+    (text like the model was trained on, so that y is as sparse as in training), else random tokens."""
+    g = torch.Generator().manual_seed(1)
+    if ckpt:
+        from bdh.data import load_corpus
+        data = torch.tensor(list(load_corpus("shakespeare").train[:200_000].encode()), dtype=torch.long)
+    while True:
+        if not ckpt:
+            yield torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, vocab, (B, T), generator=g)
+            continue
+        starts = torch.randint(0, len(data) - T - 1, (B,), generator=g)
+        yield (torch.stack([data[s:s + T] for s in starts]), torch.stack([data[s + 1:s + T + 1] for s in starts]))

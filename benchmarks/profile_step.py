@@ -17,33 +17,8 @@ import argparse
 import sys
 
 import torch
-from common import add_out_args, check_out, emit
+from common import add_out_args, bdh_model, check_out, emit, token_batches
 from torch.profiler import profile, record_function
-
-from bdh import BDH, BDHConfig
-
-
-def make_model(preset: str, ckpt: str, dropout: float) -> BDH:
-    if not ckpt:
-        return BDH(BDHConfig.from_name(preset, dropout=dropout))
-    from bdh.checkpoint import load_model
-    trained = load_model(ckpt)
-    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), "dropout": dropout}))
-    model.load_state_dict(trained.state_dict())
-    return model
-
-
-def batches(ckpt: str, T: int, B: int, vocab: int):
-    """(x, y) of B windows of T tokens: the default corpus with --ckpt, else random tokens."""
-    g = torch.Generator().manual_seed(1)
-    if ckpt:
-        from bdh.data import load_corpus
-        data = torch.tensor(list(load_corpus("shakespeare").train[:200_000].encode()), dtype=torch.long)
-    else:
-        data = torch.randint(0, vocab, (200_000,), generator=g)
-    while True:
-        starts = torch.randint(0, len(data) - T - 1, (B,), generator=g)
-        yield (torch.stack([data[s:s + T] for s in starts]), torch.stack([data[s + 1:s + T + 1] for s in starts]))
 
 
 def main(argv=None) -> int:
@@ -60,9 +35,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     check_out(args)
     torch.manual_seed(0)
-    model = make_model(args.preset, args.ckpt, args.dropout).train()
+    model = bdh_model(args.preset, args.ckpt, args.dropout).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    data = batches(args.ckpt, args.seq, args.batch, model.config.vocab_size)
+    data = token_batches(args.ckpt, args.seq, args.batch, model.config.vocab_size)
 
     def step():
         x, y = next(data)

@@ -35,18 +35,12 @@ WORKER = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[6])
 from authors_form import AuthorsForm
-from bdh import BDH, BDHConfig
+from common import bdh_model, token_batches
 form, preset, T, B, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[7])
 ps = [float(v) for v in sys.argv[5].split(",")]  # dropouts, their steps interleaved
 ckpt = sys.argv[8]
 torch.manual_seed(0)
-if ckpt:  # trained weights: its config
-    from bdh.checkpoint import load_model
-    trained = load_model(ckpt)
-    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), "dropout": max(ps)}))
-    model.load_state_dict(trained.state_dict())
-else:
-    model = BDH(BDHConfig.from_name(preset, dropout=max(ps)))
+model = bdh_model(preset, ckpt, max(ps))  # with ckpt: trained weights, its config
 if form == "plan":  # calibrate in a process of its own, so that its buffers are not in the timed one's peak
     from bdh.ops.plan import sparse_below
     c = model.config
@@ -57,15 +51,7 @@ if form == "authors":
     model = AuthorsForm.from_bdh(model)
 model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-g = torch.Generator().manual_seed(1)
-if ckpt:  # text the model was trained on: windows of the default corpus, so that y is as sparse as in training
-    from bdh.data import load_corpus
-    data = torch.tensor(list(load_corpus("shakespeare").train[:200_000].encode()), dtype=torch.long)
-    starts = torch.randint(0, len(data) - T - 1, (B,), generator=g)
-    x = torch.stack([data[s:s + T] for s in starts]); y = torch.stack([data[s + 1:s + T + 1] for s in starts])
-else:
-    x = torch.randint(0, 256, (B, T), generator=g)
-    y = torch.randint(0, 256, (B, T), generator=g)
+x, y = next(token_batches(ckpt, T, B, 256))  # with ckpt: windows of the default corpus, y as sparse as in training
 
 def set_dropout(p):
     for m in model.modules():
