@@ -98,6 +98,7 @@ class BDH(ModelBase):
         self.drop = nn.Dropout(config.dropout)
         self._capture: Capture | None = None
         self._dy_rows = None
+        self._rotors = None  # (key, Rotors) for positions 0..T-1: _rope
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -203,8 +204,8 @@ class BDH(ModelBase):
         gated = c.variant == "gpu-prime"
         forms = get_gated_attention if gated else get_attention
         attn = None if plan else forms(self.engine(T, state is not None, return_state), self._chunk_size())
-        rotors = self._rope(idx, state)  # 1|B, nh, T, N/2 complex
-        shared = Rotors(rotors) if plan else None  # what the fused backward derives from them, made once
+        shared = self._rope(idx, state)  # Rotors: 1|B, nh, T, N/2 complex and what the fused backward derives
+        rotors = shared.r
         v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, T, D
         x = None
         rho, handed_on = [], []
@@ -313,7 +314,7 @@ class BDH(ModelBase):
         self._check_state(state, B)
         c = self.config
         with autocast_for(c.compute_dtype, idx.device):
-            rotors = self._rope(idx, state)[:, :, 0].transpose(0, 1)  # nh, 1|B, N/2
+            rotors = self._rope(idx, state).r[:, :, 0].transpose(0, 1)  # nh, 1|B, N/2
             v = self._ln(self.embed(idx[:, 0]))  # B, D
             E = self._E()
             x = None
@@ -366,16 +367,25 @@ class BDH(ModelBase):
         return self._dy_rows[1]
 
     def _rope(self, idx, state):
-        """Rotors exp(i phase) for the absolute positions of these tokens: (1 | B, nh, T, N/2)."""
+        """Rotors exp(i phase) for the absolute positions of these tokens: (1 | B, nh, T, N/2), as a Rotors.
+
+        Without a state (training, scoring) the positions are 0..T-1 on every call, so the table and
+        what the fused backward derives from it are kept until T, the device or freqs change: at
+        T = 2048 (small) making them took 7 % of a training step (benchmarks/README.md)."""
         T = idx.shape[1]
         steps = torch.arange(T, device=idx.device)
+        if state is None and torch.compiler.is_compiling():
+            return Rotors(rope_rotors(steps[None], self.freqs))
         if state is None:
-            positions = steps[None]  # 1, T
-        elif bool((state.pos == state.pos[0]).all()):
+            key = (T, idx.device, self.freqs.data_ptr(), self.freqs._version)
+            if self._rotors is None or self._rotors[0] != key:
+                self._rotors = (key, Rotors(rope_rotors(steps[None], self.freqs)))  # 1, T
+            return self._rotors[1]
+        if bool((state.pos == state.pos[0]).all()):
             positions = state.pos[:1, None] + steps  # 1, T: one table serves the whole batch
         else:
             positions = state.pos[:, None] + steps  # B, T
-        return rope_rotors(positions, self.freqs)
+        return Rotors(rope_rotors(positions, self.freqs))
 
     def _ln(self, x):
         return norm(x) if self.config.layernorm else x

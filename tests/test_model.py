@@ -246,6 +246,29 @@ def test_large_absolute_positions_continue_exactly():
     assert not torch.allclose(a, b)
 
 
+def test_kept_rotors_follow_the_length_and_the_frequencies():
+    """The rotor table kept between stateless calls is always the one for 0..T-1 and the current freqs."""
+    from bdh.ops import rope_rotors
+
+    model = make_model()
+    idx = torch.zeros(1, 8, dtype=torch.long)
+
+    def fresh(T):
+        return rope_rotors(torch.arange(T)[None], model.freqs)
+
+    first = model._rope(idx, None)
+    assert model._rope(idx, None) is first  # kept
+    assert torch.equal(first.r, fresh(8))
+    assert torch.equal(model._rope(idx[:, :5], None).r, fresh(5))
+    with torch.no_grad():
+        model.freqs.mul_(1.5)  # e.g. a checkpoint's freqs loaded in place
+    assert torch.equal(model._rope(idx, None).r, fresh(8))
+    with torch.no_grad():
+        logits = model(idx).logits
+        model._rotors = None
+        assert torch.equal(model(idx).logits, logits)
+
+
 # dtypes
 def test_bfloat16_autocast_keeps_state_in_float32():
     model = make_model(compute_dtype="bfloat16")
