@@ -59,7 +59,7 @@ from bdh.errors import UserError
 from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, pick_attention, rope_freqs, rope_rotors
 from bdh.ops.chunked import CHUNK_SIZE
 from bdh.ops.gated import gated_decode_layer, get_gated_attention
-from bdh.ops.layer import Rotors, dropout_scale, fused_layer, norm
+from bdh.ops.layer import Rotors, draw_kept, fused_layer, norm
 from bdh.ops.plan import Plan, plan_for, sparse_below
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
 from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
@@ -290,7 +290,7 @@ class BDH(ModelBase):
         y = F.relu(head_product(self._ln(a), self.encoder_v)) * x  # B, nh, T, N
         self._emit("y", layer, y)
         if self.training and self.drop.p > 0:
-            y = y * dropout_scale(y, self.drop.p)  # drawn as the fused layer draws it
+            y = y * draw_kept(y.shape, self.drop.p, y) / (1 - self.drop.p)  # drawn as the fused layer draws it
         E = self._E()
         if few_tokens(y):
             return head_product(y, E).sum(dim=1, keepdim=True)  # B, 1, T, D

@@ -96,7 +96,7 @@ def test_sparse_readout_path_matches_op_by_op(T, C, block, p, keep, monkeypatch)
     need_state = block is None
     used, drawn = [], []
     monkeypatch.setattr(layer, "SparseY", lambda y, *drop: used.append(y.clone()) or SparseY(y, *drop))
-    monkeypatch.setattr(layer, "draw_kept", lambda n, p, like: drawn.append(torch.rand(n) >= p) or drawn[-1])
+    monkeypatch.setattr(layer, "draw_kept", lambda shape, p, like: drawn.append(torch.rand(shape) >= p) or drawn[-1])
     z, state = fused_layer(v, Dx, Dy, E, rotors, None, DECAY, C, True, p, need_state, block, sparse_below=1.01)
     assert len(used) == 1 and 0 < (used[0] == 0).double().mean() < 1  # the sparse path ran, on a sparse y
     keep_scale = None
@@ -143,7 +143,7 @@ def test_dropout_matches_the_same_mask(keep, monkeypatch):
     torch.manual_seed(7)
     z, state = fused_layer(v, Dx, Dy, E, rotors, None, None, 4, True, dropout=0.25, need_state=True)
     torch.manual_seed(7)
-    keep = (torch.rand(B, NH, 12, N, dtype=torch.float64) >= 0.25).double() / 0.75  # dropout_scale's draw
+    keep = layer.draw_kept((B, NH, 12, N), 0.25, v).double() / 0.75  # the draw the layer made
     z_ref, state_ref = reference_layer(v, Dx, Dy, E, rotors, None, None, True, keep)
     assert 0 < (keep == 0).float().mean() < 0.5
     assert rel_err(z, z_ref) < 1e-12
@@ -188,19 +188,35 @@ def test_two_layers_sharing_scratch_buffers_match_op_by_op(keep, monkeypatch):
     assert not SCRATCH.buffers
 
 
-def test_dropout_scale_keeps_each_entry_with_probability_one_minus_p():
-    y = torch.ones(200_000)
-    scale = layer.dropout_scale(y, 0.1)
-    kept = scale != 0
-    values = scale.unique().tolist()
-    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.9)
-    assert abs(kept.float().mean().item() - 0.9) < 0.005  # 0.9 +- 7 standard errors
-    assert abs((y * scale).mean().item() - 1.0) < 0.01  # unbiased: E[y * scale] = y
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_keeps_each_entry_with_probability_one_minus_p(dtype):
+    kept = layer.draw_kept((500, 400), 0.1, torch.zeros(1, dtype=dtype))  # several streams (STREAM = 2^20)
+    assert kept.dtype == torch.bool and kept.shape == (500, 400)
+    assert abs(kept.double().mean().item() - 0.9) < 0.005  # 0.9 +- 7 standard errors
+
+
+def test_uniform_is_fixed_by_the_torch_seed_not_by_the_thread_count(monkeypatch):
+    monkeypatch.setattr(layer, "STREAM", 1000)
+    like = torch.zeros(1)
+    torch.manual_seed(3)
+    u = layer.uniform((7, 1000), like)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(3)
+        again = layer.uniform((7, 1000), like)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(u, again) and u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
+    streams = u.view(7, 1000)
+    assert len({tuple(r[:5].tolist()) for r in streams}) == 7  # every stream its own numbers
+    assert abs(u.double().mean().item() - 0.5) < 0.01 and abs(u.double().var().item() - 1 / 12) < 0.005
+    assert not torch.equal(layer.uniform((7, 1000), like), u)  # the torch generator moved on
 
 
 def test_dropout_on_the_non_zeros_keeps_each_with_probability_one_minus_p():
     torch.manual_seed(0)
-    kept = layer.draw_kept(200_000, 0.25, torch.zeros(1))
+    kept = layer.draw_kept((200_000,), 0.25, torch.zeros(1))
     assert kept.dtype == torch.bool and abs(kept.double().mean().item() - 0.75) < 0.005  # SE ~ 0.001
     y = torch.relu(torch.randn(2, 2, 8, 16)).double()
     sy = SparseY(y)

@@ -15,7 +15,7 @@ and the chunk states are recomputed in backward (and x, twice, and g when they d
 extra matmuls per layer). The backward is
 written out below with in-place elementwise passes into three reused buffers (Scratch), and
 dq + dk costs one matmul because k = q:
-    dE   = y^T dz                 dy  = dz E^T (* dropout scale)
+    dE   = y^T dz                 dy  = dz E^T (* dropout mask)
     dg'  = dy * x * [g > 0]       dD_y = LN(a)^T dg'      da = LN'(dg' D_y^T)
     dq   = attention backward(da)  (dq + dk, shared keys)
     dx   = (dy * g + RoPE^-1(dq)) * [x > 0]
@@ -28,7 +28,12 @@ Bernoulli(1 - p) per entry, at the cost of a draw per non-zero rather than per e
 
 from __future__ import annotations
 
+import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -87,13 +92,14 @@ class FusedLayer(torch.autograd.Function):
         y = torch.mul(g, x, out=q) if keep_g else g.mul_(x)  # B, nh, T, N
         keep, ctx.sy = None, None
         if sparse_below > 0 and y.count_nonzero().item() * (1 - p) < sparse_below * y.numel():
-            dropout = (lambda n: draw_kept(n, p, y), 1 / (1 - p)) if p > 0 else ()  # on y's non-zeros only
+            dropout = (lambda n: draw_kept((n,), p, y), 1 / (1 - p)) if p > 0 else ()  # on y's non-zeros only
             ctx.sy = SparseY(y, *dropout)
         elif p > 0:
-            scale = dropout_scale(y, p)
-            y.mul_(scale)
-            keep = scale != 0  # bool: a quarter of the memory
+            keep = draw_kept(y.shape, p, y)  # bool: a quarter of a float mask's memory
+            y.mul_(keep)  # the scale 1 / (1 - p) goes on z, D wide rather than N
         z = sparse_readout(ctx.sy, E) if ctx.sy is not None else per_head(y, E).sum(dim=1)  # B, T, D
+        if keep is not None:
+            z.mul_(1 / (1 - p))
         ctx.save_for_backward(v, Dx, Dy, E, a, s0, keep, lam, x if keep_x else None, g if keep_g else None)
         ctx.rot = rot
         ctx.C, ctx.block, ctx.layernorm, ctx.p = C, block, layernorm, p
@@ -117,9 +123,8 @@ class FusedLayer(torch.autograd.Function):
             da = norm_backward(da)
             q = apply_rope_complex(x, rotors, out=SCRATCH.get(2, big, v))
         else:
-            scale = None if keep is None else keep.to(v.dtype).div_(1 - ctx.p)
             x, q, dx, dE, dDy, da = _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward,
-                                                            dz_heads, scale, kept_x, kept_g)
+                                                            dz_heads, keep, ctx.p, kept_x, kept_g)
         w = Weights(lam, ctx.C, q.dtype)
         dq_into = rotate_(dx, rot.inverse_conj(dx.dtype))
         if ctx.block:
@@ -136,22 +141,24 @@ class FusedLayer(torch.autograd.Function):
         return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None, None, None
 
 
-def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz_heads, scale, kept_x, kept_g):
+def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz_heads, keep, p, kept_x, kept_g):
     """The read-out's backward on every entry: x, q, dx (the gating's share), dE, dD_y, da.
 
     x and g (unless kept) and y are made again into three buffers, which then hold dg, dx, dy.
+    keep: dropout's mask of y (bool) or None; its scale 1 / (1 - p) goes on dz (D wide, not N).
     """
     B, nh, T, _ = v_heads.shape
     big = (B, nh, T, Dx.shape[-1])
     x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v_heads))  # B, nh, T, N
     g = kept_g if kept_g is not None else per_head(a_hat, Dy, out=SCRATCH.get(1, big, v_heads)).relu_()
     y = torch.mul(g, x, out=SCRATCH.get(2, big, v_heads))
-    if scale is not None:
-        y.mul_(scale)
+    if keep is not None:
+        y.mul_(keep)
+        dz_heads = dz_heads * (1 / (1 - p))
     dE = weight_grad(y, dz_heads)  # nh, N, D
     dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent
-    if scale is not None:
-        dy.mul_(scale)
+    if keep is not None:
+        dy.mul_(keep)
     # dy * x into x's memory when x was made again (it is made again below), else a buffer
     dg = torch.mul(dy, x, out=SCRATCH.get(0, big, v_heads) if kept_x is not None else x)
     dg = relu_backward_(dg, g)
@@ -163,22 +170,61 @@ def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz
     return x, q, dx, dE, dDy, da
 
 
-def dropout_scale(y: torch.Tensor, p: float) -> torch.Tensor:
-    """The dropout multiplier of y: 1 / (1 - p) where kept (probability 1 - p), 0 where dropped.
+def draw_kept(shape, p: float, like: torch.Tensor) -> torch.Tensor:
+    """Which entries of a tensor of this shape dropout keeps (bool): each with probability 1 - p.
 
-    Drawn as uniform >= p in place on a fresh uniform tensor: the same Bernoulli(1 - p) as
-    F.dropout, in a third of its time on the CPU (bernoulli_ into a float tensor, then a divide,
-    cost 60 ms against 23 ms for (16, 4, 128, 768) here). The op-by-op layer draws its mask with
-    this function too, so it and the fused layer's dense read-out drop the same entries under the
-    same seed; the sparse read-out draws for y's non-zeros only (draw_kept), a different draw of
-    the same distribution.
+    Drawn as uniform >= p (uniform, below): the same Bernoulli(1 - p) as F.dropout. The op-by-op
+    layer draws its mask of y with this function too, so it and the fused layer's dense read-out
+    drop the same entries under the same seed; the sparse read-out draws for y's non-zeros only
+    (shape (nnz,)), a different draw of the same distribution.
     """
-    return torch.rand(y.shape, dtype=y.dtype, device=y.device).ge_(p).mul_(1 / (1 - p))
+    return uniform(shape, like) >= p
 
 
-def draw_kept(n: int, p: float, like: torch.Tensor) -> torch.Tensor:
-    """Which of n entries dropout keeps (bool, n): each with probability 1 - p, as dropout_scale draws."""
-    return torch.rand(n, dtype=like.dtype, device=like.device) >= p
+# A CPU draw of more numbers than this comes in several streams of this many, drawn by threads at
+# once. The split depends on the size alone, so the numbers do not depend on the thread count.
+STREAM = 1 << 20
+
+
+def uniform(shape, like: torch.Tensor) -> torch.Tensor:
+    """Numbers uniform on [0, 1) of like's dtype and device, as torch.rand(shape) draws them.
+
+    On the CPU (float32/float64) they come from numpy's SFC64 generator, seeded by one draw of
+    torch's default generator (torch.manual_seed and a saved torch RNG state still fix them), in
+    streams of STREAM numbers drawn by torch.get_num_threads() threads at once. torch.rand's
+    mt19937 draws on one thread: for y of (16, 4, 128, 768) it took 30 ms against 10 ms here on
+    2 threads, and was 80 % of what dropout 0.1 cost a training step (benchmarks/README.md).
+    """
+    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+        return torch.rand(shape, dtype=like.dtype, device=like.device)
+    n = math.prod(shape)
+    out = np.empty(n, dtype=np.float32 if like.dtype == torch.float32 else np.float64)
+    seed = int(torch.randint(0, 2**63 - 1, (1,)))
+    pieces = range(0, n, STREAM)
+    streams = np.random.SeedSequence(seed).spawn(len(pieces))
+
+    def draw(i: int) -> None:
+        lo = pieces[i]
+        hi = min(n, lo + STREAM)
+        np.random.Generator(np.random.SFC64(streams[i])).random(hi - lo, dtype=out.dtype, out=out[lo:hi])
+
+    if len(pieces) > 1:
+        list(_draw_pool().map(draw, range(len(pieces))))
+    elif n:
+        draw(0)
+    return torch.from_numpy(out).view(shape)
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _draw_pool() -> ThreadPoolExecutor:
+    """Threads for uniform's streams, as many as torch's; made again after a fork or a thread count change."""
+    global _POOL
+    key = (os.getpid(), torch.get_num_threads())
+    if _POOL is None or _POOL[:2] != key:
+        _POOL = (*key, ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="bdh-draw"))
+    return _POOL[2]
 
 
 class Rotors:
