@@ -196,20 +196,24 @@ def attend_direct_backward(q, v, w: Weights, block: int, d_o, dq_into=None, scor
     """Gradients of attend_direct: dq (the keys' share included, added to dq_into if given) and dv.
 
     Per row block the scores A (unless forward kept them: scores) and dA = (dO V^T) * M are made
-    again (the triangle only); dA is gathered into one (B, nh, T, T) matrix so that
-    dQ + dK = (dA + dA^T) Q costs one full product.
+    again (the triangle only). dQ + dK = (dA + dA^T) Q costs one full product; since dA is zero on
+    and above the diagonal, dA + dA^T is dA below it and dA^T above, and each row block's dA is
+    written straight into both halves of one (B, nh, T, T) matrix (every entry written once: no
+    zeroing, no transposed copy of the whole).
     """
     B, nh, T, _ = q.shape
     d_o = d_o.to(q.dtype).contiguous()
-    dA = q.new_zeros(B, nh, T, T)
+    sym = q.new_empty(B, nh, T, T)  # dA + dA^T
     dv = torch.zeros_like(v)  # B, nh, T, D
     for i, lo in enumerate(range(0, T, block)):
         hi = lo + block
-        dA[:, :, lo:hi, :hi] = _row_scores(d_o, v, w, lo, hi)
+        dA = _row_scores(d_o, v, w, lo, hi)  # B, nh, block, hi
+        sym[:, :, lo:hi, :lo] = dA[..., :lo]
+        sym[:, :, :lo, lo:hi] = dA[..., :lo].transpose(-1, -2)
+        sym[:, :, lo:hi, lo:hi] = dA[..., lo:] + dA[..., lo:].transpose(-1, -2)  # the diagonal block
         A = scores[i] if scores is not None else _row_scores(q, q, w, lo, hi)
         _bmm(A.transpose(-1, -2), d_o[:, :, lo:hi], add_to=dv[:, :, :hi])
-    dA.add_(dA.transpose(-1, -2).clone())
-    dq = _bmm(dA, q) if dq_into is None else _bmm(dA, q, add_to=dq_into)
+    dq = _bmm(sym, q) if dq_into is None else _bmm(sym, q, add_to=dq_into)
     return dq, dv
 
 
