@@ -189,10 +189,15 @@ def test_two_layers_sharing_scratch_buffers_match_op_by_op(keep, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dropout_keeps_each_entry_with_probability_one_minus_p(dtype):
-    kept = layer.draw_kept((500, 400), 0.1, torch.zeros(1, dtype=dtype))  # several streams (STREAM = 2^20)
+def test_dropout_keeps_each_entry_with_probability_one_minus_p(dtype, monkeypatch):
+    monkeypatch.setattr(layer, "STREAM", 30_000)  # several streams
+    like = torch.zeros(1, dtype=dtype)
+    torch.manual_seed(5)
+    kept = layer.draw_kept((500, 400), 0.1, like)
     assert kept.dtype == torch.bool and kept.shape == (500, 400)
     assert abs(kept.double().mean().item() - 0.9) < 0.005  # 0.9 +- 7 standard errors
+    torch.manual_seed(5)
+    assert torch.equal(kept, layer.uniform((500, 400), like) >= 0.1)  # the same numbers, compared per stream
 
 
 def test_uniform_is_fixed_by_the_torch_seed_not_by_the_thread_count(monkeypatch):

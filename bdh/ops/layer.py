@@ -173,17 +173,24 @@ def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz
 def draw_kept(shape, p: float, like: torch.Tensor) -> torch.Tensor:
     """Which entries of a tensor of this shape dropout keeps (bool): each with probability 1 - p.
 
-    Drawn as uniform >= p (uniform, below): the same Bernoulli(1 - p) as F.dropout. The op-by-op
-    layer draws its mask of y with this function too, so it and the fused layer's dense read-out
-    drop the same entries under the same seed; the sparse read-out draws for y's non-zeros only
-    (shape (nnz,)), a different draw of the same distribution.
+    uniform(shape, like) >= p: the same Bernoulli(1 - p) as F.dropout, and on the CPU the same
+    numbers as uniform draws under the same seed, compared stream by stream while they are in
+    cache (no N-wide float tensor is made). The op-by-op layer draws its mask of y with this
+    function too, so it and the fused layer's dense read-out drop the same entries under the same
+    seed; the sparse read-out draws for y's non-zeros only (shape (nnz,)), a different draw of the
+    same distribution.
     """
-    return uniform(shape, like) >= p
+    if not _numpy_draws(like):
+        return uniform(shape, like) >= p
+    kept = np.empty(math.prod(shape), dtype=np.bool_)
 
+    def compare(lo: int, hi: int, rng: np.random.Generator) -> None:
+        numbers = _stream_buffer(hi - lo, like.dtype)
+        rng.random(hi - lo, dtype=numbers.dtype, out=numbers)
+        np.greater_equal(numbers, p, out=kept[lo:hi])
 
-# A CPU draw of more numbers than this comes in several streams of this many, drawn by threads at
-# once. The split depends on the size alone, so the numbers do not depend on the thread count.
-STREAM = 1 << 20
+    _in_streams(kept.size, compare)
+    return torch.from_numpy(kept).view(shape)
 
 
 def uniform(shape, like: torch.Tensor) -> torch.Tensor:
@@ -191,40 +198,64 @@ def uniform(shape, like: torch.Tensor) -> torch.Tensor:
 
     On the CPU (float32/float64) they come from numpy's SFC64 generator, seeded by one draw of
     torch's default generator (torch.manual_seed and a saved torch RNG state still fix them), in
-    streams of STREAM numbers drawn by torch.get_num_threads() threads at once. torch.rand's
-    mt19937 draws on one thread: for y of (16, 4, 128, 768) it took 30 ms against 10 ms here on
-    2 threads, and was 80 % of what dropout 0.1 cost a training step (benchmarks/README.md).
+    streams of STREAM numbers drawn by torch.get_num_threads() threads at once (_in_streams).
+    torch.rand's mt19937 draws on one thread: it was half of what dropout 0.1 cost a training
+    step of a fresh model at 16 x 128 (benchmarks/README.md).
     """
-    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+    if not _numpy_draws(like):
         return torch.rand(shape, dtype=like.dtype, device=like.device)
-    n = math.prod(shape)
-    out = np.empty(n, dtype=np.float32 if like.dtype == torch.float32 else np.float64)
-    seed = int(torch.randint(0, 2**63 - 1, (1,)))
-    pieces = range(0, n, STREAM)
-    streams = np.random.SeedSequence(seed).spawn(len(pieces))
-
-    def draw(i: int) -> None:
-        lo = pieces[i]
-        hi = min(n, lo + STREAM)
-        np.random.Generator(np.random.SFC64(streams[i])).random(hi - lo, dtype=out.dtype, out=out[lo:hi])
-
-    if len(pieces) > 1:
-        list(_draw_pool().map(draw, range(len(pieces))))
-    elif n:
-        draw(0)
+    out = np.empty(math.prod(shape), dtype=_NUMPY[like.dtype])
+    _in_streams(out.size, lambda lo, hi, rng: rng.random(hi - lo, dtype=out.dtype, out=out[lo:hi]))
     return torch.from_numpy(out).view(shape)
 
 
+# A CPU draw of more numbers than this comes in several streams of this many, drawn by threads at
+# once. The split depends on the size alone, so the numbers do not depend on the thread count.
+STREAM = 1 << 20
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _numpy_draws(like: torch.Tensor) -> bool:
+    return like.device.type == "cpu" and like.dtype in _NUMPY
+
+
+def _in_streams(n: int, work) -> None:
+    """work(lo, hi, rng) for each stream [lo, hi) of n numbers, rng seeded for that stream from one
+    draw of torch's default generator; several streams go to the draw threads at once."""
+    seed = int(torch.randint(0, 2**63 - 1, (1,)))
+    starts = range(0, n, STREAM)
+    seeds = np.random.SeedSequence(seed).spawn(len(starts))
+
+    def stream(i: int) -> None:
+        work(starts[i], min(n, starts[i] + STREAM), np.random.Generator(np.random.SFC64(seeds[i])))
+
+    if len(starts) > 1:
+        list(_draw_pool().map(stream, range(len(starts))))
+    elif n:
+        stream(0)
+
+
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+_BUFFERS = threading.local()
 
 
 def _draw_pool() -> ThreadPoolExecutor:
-    """Threads for uniform's streams, as many as torch's; made again after a fork or a thread count change."""
+    """Threads for the streams, as many as torch's; made again after a fork or a thread count change."""
     global _POOL
     key = (os.getpid(), torch.get_num_threads())
     if _POOL is None or _POOL[:2] != key:
         _POOL = (*key, ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="bdh-draw"))
     return _POOL[2]
+
+
+def _stream_buffer(n: int, dtype: torch.dtype) -> np.ndarray:
+    """A reused array of n numbers (n <= STREAM) for the calling thread: one stream's draws."""
+    key = f"b{dtype}"
+    buf = getattr(_BUFFERS, key, None)
+    if buf is None:
+        buf = np.empty(STREAM, dtype=_NUMPY[dtype])
+        setattr(_BUFFERS, key, buf)
+    return buf[:n]
 
 
 class Rotors:
