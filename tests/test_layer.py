@@ -193,8 +193,10 @@ def test_dropout_keeps_each_entry_with_probability_one_minus_p(dtype, monkeypatc
     monkeypatch.setattr(layer, "STREAM", 30_000)  # several streams
     like = torch.zeros(1, dtype=dtype)
     torch.manual_seed(5)
-    kept = layer.draw_kept((500, 400), 0.1, like)
+    as_float = torch.full((500, 400), 7.0, dtype=dtype)
+    kept = layer.draw_kept((500, 400), 0.1, like, as_float=as_float)
     assert kept.dtype == torch.bool and kept.shape == (500, 400)
+    assert torch.equal(as_float, kept.to(dtype))
     assert abs(kept.double().mean().item() - 0.9) < 0.005  # 0.9 +- 7 standard errors
     torch.manual_seed(5)
     assert torch.equal(kept, layer.uniform((500, 400), like) >= 0.1)  # the same numbers, compared per stream

@@ -95,8 +95,9 @@ class FusedLayer(torch.autograd.Function):
             dropout = (lambda n: draw_kept((n,), p, y), 1 / (1 - p)) if p > 0 else ()  # on y's non-zeros only
             ctx.sy = SparseY(y, *dropout)
         elif p > 0:
-            keep = draw_kept(y.shape, p, y)  # bool: a quarter of a float mask's memory
-            y.mul_(keep)  # the scale 1 / (1 - p) goes on z, D wide rather than N
+            mask = SCRATCH.get(2, big, v)  # free in forward
+            keep = draw_kept(y.shape, p, y, as_float=mask)  # bool kept for backward: a quarter of the float's memory
+            y.mul_(mask)  # the scale 1 / (1 - p) goes on z, D wide rather than N
         z = sparse_readout(ctx.sy, E) if ctx.sy is not None else per_head(y, E).sum(dim=1)  # B, T, D
         if keep is not None:
             z.mul_(1 / (1 - p))
@@ -145,20 +146,20 @@ def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz
     """The read-out's backward on every entry: x, q, dx (the gating's share), dE, dD_y, da.
 
     x and g (unless kept) and y are made again into three buffers, which then hold dg, dx, dy.
-    keep: dropout's mask of y (bool) or None; its scale 1 / (1 - p) goes on dz (D wide, not N).
+    keep: dropout's mask of y (bool) or None. It goes on g (then y = g x, dx = g dy and dg's
+    [g > 0] all carry it: one pass), its scale 1 / (1 - p) on dz (D wide, not N).
     """
     B, nh, T, _ = v_heads.shape
     big = (B, nh, T, Dx.shape[-1])
     x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v_heads))  # B, nh, T, N
     g = kept_g if kept_g is not None else per_head(a_hat, Dy, out=SCRATCH.get(1, big, v_heads)).relu_()
-    y = torch.mul(g, x, out=SCRATCH.get(2, big, v_heads))
     if keep is not None:
-        y.mul_(keep)
+        mask = SCRATCH.get(2, big, v_heads).copy_(keep.view(torch.uint8))  # 0/1 (from bytes: 4x faster than bool)
+        g = torch.mul(g, mask, out=SCRATCH.get(1, big, v_heads))  # a kept g is not changed in place
         dz_heads = dz_heads * (1 / (1 - p))
+    y = torch.mul(g, x, out=SCRATCH.get(2, big, v_heads))
     dE = weight_grad(y, dz_heads)  # nh, N, D
-    dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent
-    if keep is not None:
-        dy.mul_(keep)
+    dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent; the mask is on g
     # dy * x into x's memory when x was made again (it is made again below), else a buffer
     dg = torch.mul(dy, x, out=SCRATCH.get(0, big, v_heads) if kept_x is not None else x)
     dg = relu_backward_(dg, g)
@@ -170,24 +171,31 @@ def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz
     return x, q, dx, dE, dDy, da
 
 
-def draw_kept(shape, p: float, like: torch.Tensor) -> torch.Tensor:
+def draw_kept(shape, p: float, like: torch.Tensor, as_float: torch.Tensor | None = None) -> torch.Tensor:
     """Which entries of a tensor of this shape dropout keeps (bool): each with probability 1 - p.
 
     uniform(shape, like) >= p: the same Bernoulli(1 - p) as F.dropout, and on the CPU the same
     numbers as uniform draws under the same seed, compared stream by stream while they are in
-    cache (no N-wide float tensor is made). The op-by-op layer draws its mask of y with this
-    function too, so it and the fused layer's dense read-out drop the same entries under the same
-    seed; the sparse read-out draws for y's non-zeros only (shape (nnz,)), a different draw of the
-    same distribution.
+    cache (no N-wide float tensor is made). as_float: a contiguous float tensor of this shape that
+    also receives the mask as 0/1 (multiplying by a bool tensor converts it to a fresh float one
+    first). The op-by-op layer draws its mask of y with this function too, so it and the fused
+    layer's dense read-out drop the same entries under the same seed; the sparse read-out draws
+    for y's non-zeros only (shape (nnz,)), a different draw of the same distribution.
     """
-    if not _numpy_draws(like):
-        return uniform(shape, like) >= p
+    if not _numpy_draws(like) or (as_float is not None and not (_numpy_draws(as_float) and as_float.is_contiguous())):
+        kept = uniform(shape, like) >= p
+        if as_float is not None:
+            as_float.copy_(kept)
+        return kept
     kept = np.empty(math.prod(shape), dtype=np.bool_)
+    floats = None if as_float is None else as_float.numpy().reshape(-1)
 
     def compare(lo: int, hi: int, rng: np.random.Generator) -> None:
         numbers = _stream_buffer(hi - lo, like.dtype)
         rng.random(hi - lo, dtype=numbers.dtype, out=numbers)
         np.greater_equal(numbers, p, out=kept[lo:hi])
+        if floats is not None:
+            floats[lo:hi] = kept[lo:hi]
 
     _in_streams(kept.size, compare)
     return torch.from_numpy(kept).view(shape)
