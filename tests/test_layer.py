@@ -257,3 +257,13 @@ def test_rotors_derive_the_unrotation_once_for_every_layer():
     for g, g_ref in zip(grads_of(z, zero, leaves), grads_of(z_ref, zero, leaves)):
         assert torch.equal(g, g_ref)
     assert shared._conj is not None and list(shared._inverse) == [torch.float64]
+
+
+def test_path_density_is_counted_exactly_on_small_y_and_closely_on_large():
+    small = torch.zeros(2, 2, 8, 16)
+    small.view(-1)[::5] = 1.0  # every 5th entry
+    assert layer.density(small) == (small != 0).double().mean().item()
+    torch.manual_seed(0)
+    large = torch.rand(16, 4, 128, 96) * (torch.rand(16, 4, 128, 96) < 0.05)  # 8,192 rows: sampled
+    true = (large != 0).double().mean().item()
+    assert abs(layer.density(large) - true) < 0.004  # ~ 6 standard errors of a 1/16 sample
