@@ -315,8 +315,8 @@ def _heads(v, nh):
 # (B, nh, T, N) product each), while each takes at most this many bytes per layer, and the direct
 # form's scores while they take half of it: a memory budget, not a length. For small (n = 3,072)
 # x fits up to 2,730 tokens per step and g with it up to 1,365; for paper-25m (n = 32,768) 256
-# and 128, so its default batch of 8 x 512 makes them again. (Keeping g too at 2,048 tokens of
-# small was 8 % faster but put peak memory above half of the authors' form's: benchmarks/README.md.)
+# and 128, so its default batch of 8 x 512 makes them again. (A 64 MiB budget, keeping g too at
+# 2,048 tokens of small, gained 0-6 % for up to 100 MiB more peak memory: benchmarks/README.md.)
 KEEP_BYTES = 32 << 20
 
 
