@@ -371,7 +371,7 @@ class BDH(ModelBase):
 
         Without a state (training, scoring) the positions are 0..T-1 on every call, so the table and
         what the fused backward derives from it are kept until T, the device or freqs change: at
-        T = 2048 (small) making them took 7 % of a training step (benchmarks/README.md)."""
+        T = 2048 (small) making them took about 5 % of a training step (benchmarks/README.md)."""
         T = idx.shape[1]
         steps = torch.arange(T, device=idx.device)
         if state is None and torch.compiler.is_compiling():
