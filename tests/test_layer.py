@@ -191,34 +191,35 @@ def test_two_layers_sharing_scratch_buffers_match_op_by_op(keep, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dropout_keeps_each_entry_with_probability_one_minus_p(dtype, monkeypatch):
     monkeypatch.setattr(layer, "STREAM", 30_000)  # several streams
-    like = torch.zeros(1, dtype=dtype)
-    torch.manual_seed(5)
     as_float = torch.full((500, 400), 7.0, dtype=dtype)
-    kept = layer.draw_kept((500, 400), 0.1, like, as_float=as_float)
+    kept = layer.draw_kept((500, 400), 0.1, torch.zeros(1, dtype=dtype), as_float=as_float)
     assert kept.dtype == torch.bool and kept.shape == (500, 400)
-    assert torch.equal(as_float, kept.to(dtype))
     assert abs(kept.double().mean().item() - 0.9) < 0.005  # 0.9 +- 7 standard errors
-    torch.manual_seed(5)
-    assert torch.equal(kept, layer.uniform((500, 400), like) >= 0.1)  # the same numbers, compared per stream
+    assert torch.equal(as_float, kept.to(dtype))
 
 
-def test_uniform_is_fixed_by_the_torch_seed_not_by_the_thread_count(monkeypatch):
+def test_dropout_breaks_the_16_bit_ties_to_the_exact_probability():
+    """p = 0.5 / 2^16: only the draws u = 0 (one in 65,536) can drop, each with probability 1/2.
+    Keeping or dropping every tie would give 0 or about 256 dropped of 2^24."""
+    dropped = (~layer.draw_kept((1 << 24,), 0.5 / 65536, torch.zeros(1))).sum().item()
+    assert 70 < dropped < 190  # expected 128, standard deviation 11
+
+
+def test_dropout_draws_are_fixed_by_the_torch_seed_not_by_the_thread_count(monkeypatch):
     monkeypatch.setattr(layer, "STREAM", 1000)
     like = torch.zeros(1)
     torch.manual_seed(3)
-    u = layer.uniform((7, 1000), like)
+    kept = layer.draw_kept((7, 1000), 0.5, like)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         torch.manual_seed(3)
-        again = layer.uniform((7, 1000), like)
+        again = layer.draw_kept((7, 1000), 0.5, like)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(u, again) and u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
-    streams = u.view(7, 1000)
-    assert len({tuple(r[:5].tolist()) for r in streams}) == 7  # every stream its own numbers
-    assert abs(u.double().mean().item() - 0.5) < 0.01 and abs(u.double().var().item() - 1 / 12) < 0.005
-    assert not torch.equal(layer.uniform((7, 1000), like), u)  # the torch generator moved on
+    assert torch.equal(kept, again)
+    assert len({tuple(row[:40].tolist()) for row in kept}) == 7  # every stream its own draws
+    assert not torch.equal(layer.draw_kept((7, 1000), 0.5, like), kept)  # the torch generator moved on
 
 
 def test_dropout_on_the_non_zeros_keeps_each_with_probability_one_minus_p():

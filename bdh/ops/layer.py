@@ -183,61 +183,51 @@ def density(y: torch.Tensor, every: int = 16) -> float:
 def draw_kept(shape, p: float, like: torch.Tensor, as_float: torch.Tensor | None = None) -> torch.Tensor:
     """Which entries of a tensor of this shape dropout keeps (bool): each with probability 1 - p.
 
-    uniform(shape, like) >= p: the same Bernoulli(1 - p) as F.dropout, and on the CPU the same
-    numbers as uniform draws under the same seed, compared stream by stream while they are in
-    cache (no N-wide float tensor is made). as_float: a contiguous float tensor of this shape that
-    also receives the mask as 0/1 (multiplying by a bool tensor converts it to a fresh float one
-    first). The op-by-op layer draws its mask of y with this function too, so it and the fused
-    layer's dense read-out drop the same entries under the same seed; the sparse read-out draws
-    for y's non-zeros only (shape (nnz,)), a different draw of the same distribution.
+    as_float: a contiguous float tensor of this shape that also receives the mask as 0/1
+    (multiplying by a bool tensor converts it to a fresh float one first). The op-by-op layer
+    draws its mask of y with this function too, so it and the fused layer's dense read-out drop
+    the same entries under the same seed; the sparse read-out draws for y's non-zeros only (shape
+    (nnz,)), a different draw of the same distribution.
+
+    On the CPU the draw is a 16-bit number u per entry from numpy's SFC64 generator, seeded by one
+    draw of torch's generator (torch.manual_seed and a saved torch RNG state still fix it), in
+    streams of STREAM entries that torch.get_num_threads() threads draw at once. With
+    p 2^16 = K + f (K whole, 0 <= f < 1) an entry is dropped where u < K, kept where u > K, and
+    where u = K (one entry in 65,536) dropped with probability f by one more draw: exactly
+    probability p, as F.dropout. torch.rand's mt19937 draws a 32-bit float on one thread: for a
+    (16, 4, 128, 768) mask that took 23-30 ms here, against ~4 ms for these (benchmarks/README.md).
     """
-    if not _numpy_draws(like) or (as_float is not None and not (_numpy_draws(as_float) and as_float.is_contiguous())):
-        kept = uniform(shape, like) >= p
+    numpy_draws = like.device.type == "cpu" and (as_float is None or (as_float.device.type == "cpu" and
+                                                                      as_float.is_contiguous()))
+    if not numpy_draws:
+        kept = torch.rand(shape, device=like.device) >= p
         if as_float is not None:
             as_float.copy_(kept)
         return kept
     kept = np.empty(math.prod(shape), dtype=np.bool_)
     floats = None if as_float is None else as_float.numpy().reshape(-1)
+    whole, part = divmod(p * 65536, 1)
+    whole = int(whole)  # u is compared with an integer
 
-    def compare(lo: int, hi: int, rng: np.random.Generator) -> None:
-        numbers = _stream_buffer(hi - lo, like.dtype)
-        rng.random(hi - lo, dtype=numbers.dtype, out=numbers)
-        np.greater_equal(numbers, p, out=kept[lo:hi])
+    def draw(lo: int, hi: int, rng: np.random.Generator) -> None:
+        u = rng.bit_generator.random_raw((hi - lo + 3) // 4).view(np.uint16)[:hi - lo]  # 4 per 64-bit draw
+        np.greater(u, whole, out=kept[lo:hi])
+        ties = np.flatnonzero(u == whole)
+        kept[lo + ties] = rng.random(ties.size) >= part
         if floats is not None:
             floats[lo:hi] = kept[lo:hi]
 
-    _in_streams(kept.size, compare)
+    _in_streams(kept.size, draw)
     return torch.from_numpy(kept).view(shape)
 
 
-def uniform(shape, like: torch.Tensor) -> torch.Tensor:
-    """Numbers uniform on [0, 1) of like's dtype and device, as torch.rand(shape) draws them.
-
-    On the CPU (float32/float64) they come from numpy's SFC64 generator, seeded by one draw of
-    torch's default generator (torch.manual_seed and a saved torch RNG state still fix them), in
-    streams of STREAM numbers drawn by torch.get_num_threads() threads at once (_in_streams).
-    torch.rand's mt19937 draws on one thread: it was half of what dropout 0.1 cost a training
-    step of a fresh model at 16 x 128 (benchmarks/README.md).
-    """
-    if not _numpy_draws(like):
-        return torch.rand(shape, dtype=like.dtype, device=like.device)
-    out = np.empty(math.prod(shape), dtype=_NUMPY[like.dtype])
-    _in_streams(out.size, lambda lo, hi, rng: rng.random(hi - lo, dtype=out.dtype, out=out[lo:hi]))
-    return torch.from_numpy(out).view(shape)
-
-
-# A CPU draw of more numbers than this comes in several streams of this many, drawn by threads at
-# once. The split depends on the size alone, so the numbers do not depend on the thread count.
+# A CPU draw of more entries than this comes in several streams of this many, drawn by threads at
+# once. The split depends on the size alone, so the draws do not depend on the thread count.
 STREAM = 1 << 20
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def _numpy_draws(like: torch.Tensor) -> bool:
-    return like.device.type == "cpu" and like.dtype in _NUMPY
 
 
 def _in_streams(n: int, work) -> None:
-    """work(lo, hi, rng) for each stream [lo, hi) of n numbers, rng seeded for that stream from one
+    """work(lo, hi, rng) for each stream [lo, hi) of n entries, rng seeded for that stream from one
     draw of torch's default generator; several streams go to the draw threads at once."""
     seed = int(torch.randint(0, 2**63 - 1, (1,)))
     starts = range(0, n, STREAM)
@@ -253,7 +243,6 @@ def _in_streams(n: int, work) -> None:
 
 
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None
-_BUFFERS = threading.local()
 
 
 def _draw_pool() -> ThreadPoolExecutor:
@@ -263,16 +252,6 @@ def _draw_pool() -> ThreadPoolExecutor:
     if _POOL is None or _POOL[:2] != key:
         _POOL = (*key, ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="bdh-draw"))
     return _POOL[2]
-
-
-def _stream_buffer(n: int, dtype: torch.dtype) -> np.ndarray:
-    """A reused array of n numbers (n <= STREAM) for the calling thread: one stream's draws."""
-    key = f"b{dtype}"
-    buf = getattr(_BUFFERS, key, None)
-    if buf is None:
-        buf = np.empty(STREAM, dtype=_NUMPY[dtype])
-        setattr(_BUFFERS, key, buf)
-    return buf[:n]
 
 
 class Rotors:
