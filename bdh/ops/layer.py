@@ -250,6 +250,8 @@ def _draw_pool() -> ThreadPoolExecutor:
     global _POOL
     key = (os.getpid(), torch.get_num_threads())
     if _POOL is None or _POOL[:2] != key:
+        if _POOL is not None and _POOL[0] == key[0]:
+            _POOL[2].shutdown(wait=False)  # the old threads end once idle
         _POOL = (*key, ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="bdh-draw"))
     return _POOL[2]
 
