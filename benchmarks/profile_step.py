@@ -6,7 +6,7 @@ training), after --warmup untimed steps (the first calibrates the fused layer's 
 gives the total self CPU time of the profiled steps and the ops that took most of it, grouped by
 input shapes, so that two commits can be compared op by op on one machine even where wall-clock
 timings move with the machine's load. Work outside torch's ops (numpy's dropout draws,
-bdh.ops.layer.uniform) counts as the self time of the op around it (FusedLayer):
+bdh.ops.layer.draw_kept) counts as the self time of the op around it (FusedLayer):
 
     python benchmarks/profile_step.py --ckpt runs/race-900/bdh-time --seq 2048 --batch 1
     PYTHONPATH=<other checkout> python benchmarks/profile_step.py ...   # the same step of another commit
