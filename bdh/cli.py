@@ -540,6 +540,9 @@ def add_compare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--equal-time", nargs="?", const="auto", default=None, metavar="SECONDS",
                         help="also train every model for the same wall-clock time: SECONDS of training steps, or "
                              "without a value the slowest model's equal-token time (default: equal tokens only)")
+    parser.add_argument("--reuse-settings", action="store_true",
+                        help="with --equal-time: train the equal-time runs at the settings the equal-token search "
+                             "chose, rather than searching again at the time budget (trials of --tune-share of it)")
     add_experiment_args(parser)
 
 
@@ -607,9 +610,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         equal_time = _parse_as(float)(equal_time) if _is_number(equal_time) else equal_time
         if not isinstance(equal_time, float):
             raise UserError(f"--equal-time takes a number of seconds, got {args.equal_time!r}")
+    if args.reuse_settings and equal_time is None:
+        raise UserError("--reuse-settings is about the equal-time runs: add --equal-time, or drop it")
     cfg, family_args, tune = experiment_inputs(args)
     return _experiment(lambda: compare(cfg, args.experiment_dir, overwrite=args.overwrite, command=_command_line(args),
-                                       models=models, family_args=family_args, tune=tune, equal_time=equal_time))
+                                       models=models, family_args=family_args, tune=tune, equal_time=equal_time,
+                                       time_search=not args.reuse_settings))
 
 
 def _is_number(text: str) -> bool:

@@ -10,10 +10,12 @@ The protocol, the same for every family (bdh.experiments.families says how each 
    --max-iters, at its chosen settings; its final loss scored on the whole validation split (or
    --final-eval-iters batches), with the standard error over batches, and the paired difference
    to BDH on the same batches.
-3. **Equal wall-clock** (equal_time): every model trained again, at its chosen settings, for the
-   same seconds of training steps (the slowest model's equal-token time, or a given number): a
-   time budget whose learning-rate decay runs on that clock (TrainConfig.train_seconds), so each
-   model takes as many steps as its speed allows, however that speed changes during training.
+3. **Equal wall-clock** (equal_time): every model trained again for the same seconds of training
+   steps (the slowest model's equal-token time, or a given number): a time budget whose
+   learning-rate decay runs on that clock (TrainConfig.train_seconds), so each model takes as
+   many steps as its speed allows, however that speed changes during training. Its settings come
+   from a search of their own at that budget (trials of the search's share of the seconds: a rate
+   chosen for 200 steps need not suit 2,000), or with time_search=False the equal-token ones.
 
 Outputs in DIR: one run directory per model (DIR/bdh, DIR/gpt, ...), DIR/<model>-time for the
 equal-time runs, DIR/tune/ for the trials, compare.md, compare.json, val_loss_vs_tokens.png and
@@ -83,12 +85,14 @@ def plan_compare(cfg: TrainConfig, out: Path, gpt_fixed: dict[str, Any] | None =
 def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None = None, overwrite: bool = False,
             command: str | None = None, say: Callable[[str], None] = print, *, models=DEFAULT_MODELS,
             family_args: dict[str, dict[str, Any]] | None = None, tune: TuneSpec | None = None,
-            equal_time: float | str | None = None) -> dict[str, Any]:
+            equal_time: float | str | None = None, time_search: bool = True) -> dict[str, Any]:
     """Search, train (or reuse, or resume) every run and write the comparison; returns compare.json's content.
 
     tune: the search (default TuneSpec(): lr 1e-3, 3e-3, 1e-2; TuneSpec.off() for none).
     equal_time: None (equal tokens only), "auto" (the slowest model's equal-token training time)
     or a number of seconds of training steps per model.
+    time_search: the equal-time runs' settings from a search of their own at the time budget
+    (False: the equal-token search's).
     """
     out = Path(out)
     tune = tune if tune is not None else TuneSpec()
@@ -105,18 +109,13 @@ def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None 
     manifest.data.update(experiment="compare", command=command, started=runs.now(), machine=runs.machine(),
                          settings={**cfg.to_dict(), "out": str(out)}, models=[p.name for p in plans],
                          family_args=merge_family_args(gpt_fixed, family_args), tune=tune.to_dict(),
-                         equal_time=equal_time)
+                         equal_time=equal_time, equal_time_search=bool(equal_time is not None and time_search and tune.active))
     manifest.data.setdefault("tuning", {})
     # 1. the search: each model's settings (nothing of the reported runs is looked at)
     if tune.active:
         say(f"bdh compare: searching {', '.join(f'{k} in {list(v)}' for k, v in tune.grid.items())} for every model "
             f"on the held-out {tune.holdout:g} of the training split ({tune.share:g} of the budget per trial)")
-    tuned = []
-    for plan in plans:
-        chosen, record = tuning.search(plan.name, plan.cfg, tune, out, overwrite, say)
-        manifest.data["tuning"][plan.name] = record
-        manifest.save()
-        tuned.append(RunPlan(plan.name, chosen, plan.model))
+    tuned = search_all(manifest, plans, tune, out, overwrite, say)
     # 2. equal tokens
     train_all(manifest, tuned, overwrite, say)
     # 3. equal wall-clock
@@ -125,6 +124,9 @@ def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None 
     if equal_time is not None:
         data["equal_time_target_s"], time_plans = equal_time_plans(tuned, data["runs"], equal_time, out)
         say(f"bdh compare: equal wall-clock, {data['equal_time_target_s']:,.0f} s of training steps per model")
+        if data["equal_time_search"]:
+            say(f"bdh compare: searching the settings again at this budget ({tune.share:g} of it per trial)")
+            time_plans = search_all(manifest, time_plans, tune, out, overwrite, say)
         train_all(manifest, time_plans, overwrite, say)
         data["equal_time_runs"] = {base.name: p.name for base, p in zip(tuned, time_plans)}
     names = [p.name for p in tuned]
@@ -144,6 +146,18 @@ def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None 
     say(f"bdh compare: wrote {out / REPORT}, {out / MANIFEST}, {out / FIG_TOKENS} and {out / FIG_TIME}; "
         f"the runs are {', '.join(str(out / n) for n in names)} (e.g. bdh eval --ckpt {out / names[0]})")
     return data
+
+
+def search_all(manifest: runs.Manifest, plans: list[RunPlan], tune: TuneSpec, out: Path, overwrite: bool,
+               say: Callable[[str], None]) -> list[RunPlan]:
+    """Every plan at the settings its own search chose; each search's record goes into the manifest."""
+    tuned = []
+    for plan in plans:
+        chosen, record = tuning.search(plan.name, plan.cfg, tune, out, overwrite, say)
+        manifest.data["tuning"][plan.name] = record
+        manifest.save()
+        tuned.append(RunPlan(plan.name, chosen, plan.model))
+    return tuned
 
 
 def check_equal_time(equal_time) -> None:
@@ -297,25 +311,23 @@ def render(data: dict[str, Any]) -> str:
                      f"({'all of it' if not t['eval_iters'] else str(t['eval_iters']) + ' batches'}); the validation "
                      "split is never used to choose.")
         lines.append("")
-    total_time = total_tokens = 0
-    for n in names:
-        record = data["tuning"].get(n)
-        lines.append(f"- {n.upper()}: {tuning.describe(record, data['runs'][n].get('lr'))}")
-        if record:
-            total_time += record["cost"]["time_s"]
-            total_tokens += record["cost"]["tokens"]
-    if total_time:
-        lines.append(f"- search cost, all models: {total_time:,.0f} s of training and {total_tokens:,} tokens")
+    lines += search_lines(data, names, names)
     lines += ["", "## Equal tokens", "", *table(rs, names), ""]
     lines += paired_lines(data, "tokens")
     if data.get("equal_time_runs"):
-        timed = [data["runs"][data["equal_time_runs"][n]] for n in names]
+        timed_names = [data["equal_time_runs"][n] for n in names]
+        timed = [data["runs"][n] for n in timed_names]
+        searched = data.get("equal_time_search")
+        settings = ("the settings a search of its own at this budget chose (below)" if searched
+                    else "the equal-token search's settings")
         lines += ["## Equal wall-clock", "",
-                  f"Each model trained, at its chosen settings, for {data.get('equal_time_target_s', 0):,.0f} s of "
+                  f"Each model trained, at {settings}, for {data.get('equal_time_target_s', 0):,.0f} s of "
                   "training steps (validation and checkpoints not counted), its learning rate decaying on that "
                   "clock: it takes the steps its speed allows. The machine's load during the runs changes "
-                  "their speed: compare the throughput rows, and read a near tie as a tie.", "",
-                  *table(timed, names), ""]
+                  "their speed: compare the throughput rows, and read a near tie as a tie.", ""]
+        if searched:
+            lines += [*search_lines(data, timed_names, names), ""]
+        lines += [*table(timed, names), ""]
         lines += paired_lines(data, "time")
     lines += [
         "Bits per byte: validation loss in bits, per byte of validation text (comparable across tokenizers). "
@@ -332,6 +344,20 @@ def render(data: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def search_lines(data: dict[str, Any], run_names: list[str], labels: list[str]) -> list[str]:
+    """One line per run on its search (labelled by its model), and the search's total cost."""
+    lines, total_time, total_tokens = [], 0.0, 0
+    for run_name, label in zip(run_names, labels):
+        record = data["tuning"].get(run_name)
+        lines.append(f"- {label.upper()}: {tuning.describe(record, data['runs'][run_name].get('lr'))}")
+        if record:
+            total_time += record["cost"]["time_s"]
+            total_tokens += record["cost"]["tokens"]
+    if total_time:
+        lines.append(f"- search cost, all models: {total_time:,.0f} s of training and {total_tokens:,} tokens")
+    return lines
 
 
 def paired_lines(data: dict[str, Any], budget: str) -> list[str]:

@@ -186,7 +186,8 @@ def search(name: str, cfg: TrainConfig, spec: TuneSpec, out: Path, overwrite: bo
     best = choose(trials)
     record = {
         "grid": {k: list(v) for k, v in spec.grid.items()}, "share": spec.share, "holdout": spec.holdout,
-        "trial_steps": trials[0]["max_iters"], "trials": trials, "chosen": best["point"],
+        "trial_steps": trials[0]["max_iters"], "trial_seconds": cfg.train_seconds and cfg.train_seconds * spec.share,
+        "trials": trials, "chosen": best["point"],
         "cost": {"runs": len(trials), "tokens": sum(t.get("tokens_seen") or 0 for t in trials),
                  "time_s": sum(t.get("train_time_s") or 0.0 for t in trials)},
     }
@@ -228,5 +229,11 @@ def describe(record: dict[str, Any] | None, fixed_lr: float | None = None) -> st
     scores = ", ".join(f"{point_name(t['point'])}: " + (f"{t['holdout_loss']:.4f}" if t["status"] == "done"
                                                           else "diverged") for t in record["trials"])
     cost = record["cost"]
-    return (f"chose {point_name(record['chosen'])} of {scores} (held-out loss after {record['trial_steps']} "
-            f"steps); search cost {cost['time_s']:,.0f} s, {cost['tokens']:,} tokens")
+    seconds = record.get("trial_seconds")
+    if seconds:  # a time budget: the steps it took are each trial's own
+        steps = "/".join(f"{t['steps']:,}" for t in record["trials"] if t["status"] == "done")
+        after = f"{seconds:.4g} s of training steps ({steps} steps)"
+    else:
+        after = f"{record['trial_steps']} steps"
+    return (f"chose {point_name(record['chosen'])} of {scores} (held-out loss after {after}); "
+            f"search cost {cost['time_s']:,.0f} s, {cost['tokens']:,} tokens")

@@ -177,7 +177,7 @@ def test_search_picks_the_argmin_and_the_run_trains_at_it(tmp_path, text_file, m
     argv = ["compare", *tiny_flags(text_file, out), "--tune", "lr=1e-3,3e-2", "--models", "gpt", "--equal-time", "0.5",
             "--tune-extend", "0"]
     assert main(argv) == 0
-    assert calls.names == ["gpt-lr1e-03", "gpt-lr3e-02", "gpt", "gpt-time"]
+    assert calls.names == ["gpt-lr1e-03", "gpt-lr3e-02", "gpt", "gpt-time-lr1e-03", "gpt-time-lr3e-02", "gpt-time"]
     data = json.loads((out / "compare.json").read_text())
     record = data["tuning"]["gpt"]
     losses = {t["point"]["lr"]: t["holdout_loss"] for t in record["trials"]}
@@ -193,13 +193,42 @@ def test_search_picks_the_argmin_and_the_run_trains_at_it(tmp_path, text_file, m
         assert [r["val_loss"] for r in metrics(out / trial["run_dir"]) if "val_loss" in r] == [trial["holdout_loss"]]
     assert record["cost"]["tokens"] == 2 * 32 and record["cost"]["time_s"] > 0
     # equal time: a budget of 0.5 s of training steps at the chosen rate, its step cap 4x what the rate fits
+    # its settings from a search of its own: trials of a quarter of the 0.5 s, on the held-out slice
     timed = data["runs"]["gpt-time"]
     saved = RunDir(out / "gpt-time").read_train_config()["train"]
     rate = data["runs"]["gpt"]["tokens_per_s"]
-    assert data["equal_time_target_s"] == 0.5 and saved["train_seconds"] == 0.5 and timed["lr"] == chosen
+    time_record = data["tuning"]["gpt-time"]
+    time_losses = {t["point"]["lr"]: t["holdout_loss"] for t in time_record["trials"]}
+    time_chosen = min(time_losses, key=time_losses.get)
+    assert time_record["chosen"] == {"lr": time_chosen} and time_record["trial_seconds"] == 0.125
+    for trial in time_record["trials"]:
+        trial_cfg = RunDir(out / trial["run_dir"]).read_train_config()["train"]
+        assert trial_cfg["train_seconds"] == 0.125 and trial_cfg["holdout_fraction"] == 0.05
+        assert trial_cfg["lr"] == trial["point"]["lr"] and trial["run_dir"].startswith("tune/gpt-time-lr")
+    assert data["equal_time_target_s"] == 0.5 and saved["train_seconds"] == 0.5 and timed["lr"] == time_chosen
+    assert saved["min_lr"] == pytest.approx(time_chosen / 10) and saved["holdout_fraction"] == 0.0
     assert saved["max_iters"] == 4 * max(1, round(0.5 * rate / 32)) and saved["decay_iters"] is None
     assert timed["stopped"] == "train_seconds" and timed["step_time_s"] >= 0.5
-    assert "## Equal wall-clock" in (out / "compare.md").read_text()
+    report = (out / "compare.md").read_text()
+    assert "## Equal wall-clock" in report and "a search of its own at this budget" in report
+    assert "held-out loss after 0.125 s of training steps (" in report
+
+
+def test_equal_time_runs_can_reuse_the_equal_token_settings(tmp_path, text_file, monkeypatch, capsys):
+    calls = Runs()
+    monkeypatch.setattr(runs, "run_in_child", calls)
+    out = tmp_path / "cmp"
+    argv = ["compare", *tiny_flags(text_file, out), "--tune", "lr=1e-3,3e-2", "--models", "gpt", "--equal-time", "0.5",
+            "--tune-extend", "0", "--reuse-settings"]
+    assert main(argv) == 0
+    assert calls.names == ["gpt-lr1e-03", "gpt-lr3e-02", "gpt", "gpt-time"]
+    data = json.loads((out / "compare.json").read_text())
+    assert not data["equal_time_search"] and "gpt-time" not in data["tuning"]
+    assert data["runs"]["gpt-time"]["lr"] == data["runs"]["gpt"]["lr"] == data["tuning"]["gpt"]["chosen"]["lr"]
+    assert "the equal-token search's settings" in (out / "compare.md").read_text()
+    capsys.readouterr()
+    assert main(["compare", *tiny_flags(text_file, tmp_path / "other"), "--reuse-settings"]) == 2
+    one_line_error(capsys, "--reuse-settings is about the equal-time runs")
 
 
 def test_lr_given_is_held_and_contradictions_are_refused(tmp_path, text_file, monkeypatch, capsys):
