@@ -109,7 +109,8 @@ def compare(cfg: TrainConfig, out: str | Path, gpt_fixed: dict[str, Any] | None 
     manifest.data.update(experiment="compare", command=command, started=runs.now(), machine=runs.machine(),
                          settings={**cfg.to_dict(), "out": str(out)}, models=[p.name for p in plans],
                          family_args=merge_family_args(gpt_fixed, family_args), tune=tune.to_dict(),
-                         equal_time=equal_time, equal_time_search=bool(equal_time is not None and time_search and tune.active))
+                         equal_time=equal_time,
+                         equal_time_search=bool(equal_time is not None and time_search and tune.active))
     manifest.data.setdefault("tuning", {})
     # 1. the search: each model's settings (nothing of the reported runs is looked at)
     if tune.active:
@@ -319,7 +320,7 @@ def render(data: dict[str, Any]) -> str:
         timed = [data["runs"][n] for n in timed_names]
         searched = data.get("equal_time_search")
         settings = ("the settings a search of its own at this budget chose (below)" if searched
-                    else "the equal-token search's settings")
+                    else "the settings of its equal-token run")
         lines += ["## Equal wall-clock", "",
                   f"Each model trained, at {settings}, for {data.get('equal_time_target_s', 0):,.0f} s of "
                   "training steps (validation and checkpoints not counted), its learning rate decaying on that "

@@ -232,7 +232,7 @@ def describe(record: dict[str, Any] | None, fixed_lr: float | None = None) -> st
     seconds = record.get("trial_seconds")
     if seconds:  # a time budget: the steps it took are each trial's own
         steps = "/".join(f"{t['steps']:,}" for t in record["trials"] if t["status"] == "done")
-        after = f"{seconds:.4g} s of training steps ({steps} steps)"
+        after = f"{seconds:.4g} s of training steps, {steps} steps"
     else:
         after = f"{record['trial_steps']} steps"
     return (f"chose {point_name(record['chosen'])} of {scores} (held-out loss after {after}); "

@@ -211,7 +211,7 @@ def test_search_picks_the_argmin_and_the_run_trains_at_it(tmp_path, text_file, m
     assert timed["stopped"] == "train_seconds" and timed["step_time_s"] >= 0.5
     report = (out / "compare.md").read_text()
     assert "## Equal wall-clock" in report and "a search of its own at this budget" in report
-    assert "held-out loss after 0.125 s of training steps (" in report
+    assert "held-out loss after 0.125 s of training steps, " in report
 
 
 def test_equal_time_runs_can_reuse_the_equal_token_settings(tmp_path, text_file, monkeypatch, capsys):
@@ -225,7 +225,7 @@ def test_equal_time_runs_can_reuse_the_equal_token_settings(tmp_path, text_file,
     data = json.loads((out / "compare.json").read_text())
     assert not data["equal_time_search"] and "gpt-time" not in data["tuning"]
     assert data["runs"]["gpt-time"]["lr"] == data["runs"]["gpt"]["lr"] == data["tuning"]["gpt"]["chosen"]["lr"]
-    assert "the equal-token search's settings" in (out / "compare.md").read_text()
+    assert "the settings of its equal-token run" in (out / "compare.md").read_text()
     capsys.readouterr()
     assert main(["compare", *tiny_flags(text_file, tmp_path / "other"), "--reuse-settings"]) == 2
     one_line_error(capsys, "--reuse-settings is about the equal-time runs")
