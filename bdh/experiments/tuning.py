@@ -186,7 +186,7 @@ def search(name: str, cfg: TrainConfig, spec: TuneSpec, out: Path, overwrite: bo
     best = choose(trials)
     record = {
         "grid": {k: list(v) for k, v in spec.grid.items()}, "share": spec.share, "holdout": spec.holdout,
-        "trial_steps": trials[0]["max_iters"], "trial_seconds": cfg.train_seconds and cfg.train_seconds * spec.share,
+        "trial_steps": trials[0]["max_iters"], "trial_seconds": trials[0]["train_seconds"],
         "trials": trials, "chosen": best["point"],
         "cost": {"runs": len(trials), "tokens": sum(t.get("tokens_seen") or 0 for t in trials),
                  "time_s": sum(t.get("train_time_s") or 0.0 for t in trials)},
@@ -208,7 +208,8 @@ def beyond_edge(tried: list[float], best: float) -> float | None:
 
 
 def run_trial(plan: RunPlan, status: runs.RunStatus, point: dict[str, Any]) -> dict[str, Any]:
-    base = {"point": point, "run_dir": f"{TUNE_DIR}/{plan.run_dir.name}", "max_iters": plan.cfg.max_iters}
+    base = {"point": point, "run_dir": f"{TUNE_DIR}/{plan.run_dir.name}", "max_iters": plan.cfg.max_iters,
+            "train_seconds": plan.cfg.train_seconds}
     try:
         if status.kind != "finished":
             runs.train_run(plan, status)

@@ -173,7 +173,8 @@ def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz
 
 def density(y: torch.Tensor, every: int = 16) -> float:
     """y's share of non-zero entries, for choosing the read-out's path (both are exact): counted on
-    every 16th row of N (a 16th of the memory read) where y has at least 16 x 256 rows, else on all."""
+    every `every`-th row of N (that share of the memory read) where y has at least every x 256
+    rows, else on all."""
     rows = y.reshape(-1, y.shape[-1])
     if rows.shape[0] >= every * 256:
         rows = rows[::every]

@@ -91,7 +91,8 @@ def test_the_next_rate_beyond_an_edge_where_the_best_sits():
 def test_the_search_goes_past_the_grid_edge_until_the_best_is_inside(tmp_path, monkeypatch, best, extend, tried):
     def fake_trial(plan, status, point):  # the held-out loss: a bowl in log lr around `best`
         return {"point": point, "status": "done", "holdout_loss": abs(math.log(point["lr"] / best)),
-                "max_iters": plan.cfg.max_iters, "tokens_seen": 1, "train_time_s": 1.0}
+                "max_iters": plan.cfg.max_iters, "train_seconds": plan.cfg.train_seconds, "tokens_seen": 1,
+                "train_time_s": 1.0}
 
     monkeypatch.setattr(tuning, "run_trial", fake_trial)
     spec = TuneSpec(extend=extend)
