@@ -281,6 +281,23 @@ def test_bfloat16_autocast_keeps_state_in_float32():
     assert rel_err(out.logits, ref.logits) < 0.05
 
 
+def test_bfloat16_training_gradients_agree_across_attention_forms():
+    """The chunked form's backward runs under forward's autocast (its q is bf16, its v float32):
+    under bf16 its loss and gradients are as close to float32's as the naive form's are."""
+    idx = torch.randint(0, 256, (2, 32))
+    grads = {}
+    for impl, dtype in (("naive", "float32"), ("naive", "bfloat16"), ("chunked", "bfloat16")):
+        torch.manual_seed(0)
+        model = make_model(compute_dtype=dtype, attn_impl=impl, chunk_size=8).train()
+        assert model.engine(32) == impl
+        loss = model(idx, targets=idx, return_state=False).loss
+        grads[impl, dtype] = [loss, *torch.autograd.grad(loss, list(model.parameters()))]
+    err = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    exact = grads["naive", "float32"]
+    for chunked, naive, ref in zip(grads["chunked", "bfloat16"], grads["naive", "bfloat16"], exact):
+        assert chunked.dtype == torch.float32 and err(chunked, ref) <= 1.5 * err(naive, ref) + 0.01
+
+
 def test_float16_on_cpu_is_a_clear_error():
     model = make_model(compute_dtype="float16")
     with pytest.raises(UserError, match="float16 needs a CUDA device"):

@@ -260,6 +260,14 @@ def _per_row(x, rows):
     return x if rows is None else x * rows
 
 
+def autocast_state(device_type: str) -> dict:
+    """torch.autocast's arguments that reproduce the autocast in force now on this device type
+    (autograd runs a Function's backward outside forward's autocast; torch.amp.custom_bwd does this
+    for one device type fixed in advance)."""
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type)}
+
+
 class ChunkedAttention(torch.autograd.Function):
     """Full chunks only (T a multiple of C). Keeps q, k, v and the incoming state (or None) for backward."""
 
@@ -271,14 +279,16 @@ class ChunkedAttention(torch.autograd.Function):
         o, final = attend(q.contiguous(), k.contiguous(), v_heads, s0, w, C, need_state)
         ctx.save_for_backward(q, k, v_heads, s0, lam)
         ctx.C, ctx.v_heads, ctx.has_states = C, v.shape[1], uses_states(T, C, s0, need_state)
+        ctx.autocast = autocast_state(q.device.type)
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
         q, k, v_heads, s0, lam = ctx.saved_tensors
         w = Weights(lam, ctx.C, q.dtype)
-        dq, dk, dv, d_s0 = attend_backward(q.contiguous(), k.contiguous(), v_heads, s0, ctx.has_states, w, ctx.C,
-                                           d_o, d_final, shared_qk=False)
+        with torch.autocast(**ctx.autocast):  # backward's products cast as forward's were (mixed q and v dtypes)
+            dq, dk, dv, d_s0 = attend_backward(q.contiguous(), k.contiguous(), v_heads, s0, ctx.has_states, w, ctx.C,
+                                               d_o, d_final, shared_qk=False)
         if ctx.v_heads == 1 and q.shape[1] > 1:
             dv = dv.sum(dim=1, keepdim=True)  # values were shared by every head
         return dq, dk, dv, d_s0 if ctx.needs_input_grad[3] else None, None, None, None
