@@ -165,9 +165,11 @@ class BDH(ModelBase):
     def _fused_plan(self, B: int, T: int, has_state: bool, wants_state: bool) -> Plan | None:
         """How the fused layer runs B sequences of T tokens, or None where the op-by-op layer runs.
 
-        fused=False: never. "auto": wherever the fused layer computes the same thing (float32,
-        the reference layout, no detach_kv, attn_impl auto or chunked), unless activations are
-        being captured or torch.compile is tracing (it fuses the op-by-op layer itself). With
+        fused=False: never. "auto": on the CPU, wherever the fused layer computes the same thing
+        (float32, the reference layout, no detach_kv, attn_impl auto or chunked), unless activations
+        are being captured or torch.compile is tracing (it fuses the op-by-op layer itself); on a
+        GPU never, where the op-by-op layer was measured faster (an H100 and an H200:
+        benchmarks/README.md, "On a GPU"; the fused layer keeps its lower peak memory). With
         chunk_size "auto" the plan is bdh.ops.plan's for the shape; with a number, chunks of
         min(chunk_size, T) when that divides T. fused=True: the same, but an error where it
         cannot run.
@@ -189,6 +191,8 @@ class BDH(ModelBase):
         elif torch.compiler.is_compiling():
             return None
         if why is None:
+            if c.fused == "auto" and self.encoder.device.type != "cpu":
+                return None
             if not auto:
                 return Plan(C)
             return plan_for(B, T, c.n_head, c.neurons_per_head, c.n_embd, has_state or wants_state, self.encoder)
@@ -289,8 +293,10 @@ class BDH(ModelBase):
         self._emit("a", layer, a)
         y = F.relu(head_product(self._ln(a), self.encoder_v)) * x  # B, nh, T, N
         self._emit("y", layer, y)
-        if self.training and self.drop.p > 0:
+        if self.training and self.drop.p > 0 and y.device.type == "cpu":
             y = y * draw_kept(y.shape, self.drop.p, y) / (1 - self.drop.p)  # drawn as the fused layer draws it
+        elif self.training and self.drop.p > 0:  # elsewhere torch's one-pass dropout (benchmarks/README.md, "On a GPU")
+            y = self.drop(y)
         E = self._E()
         if few_tokens(y):
             return head_product(y, E).sum(dim=1, keepdim=True)  # B, 1, T, D

@@ -123,14 +123,15 @@ def self_usage() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bdh_model(preset: str, ckpt: str, dropout: float):
-    """A BDH of a preset (fresh weights), or with ckpt the trained weights and config of that checkpoint, at this dropout."""
+def bdh_model(preset: str, ckpt: str, dropout: float, compute_dtype: str = "float32"):
+    """A BDH of a preset (fresh weights), or with ckpt the trained weights and config of that checkpoint,
+    at this dropout and compute_dtype."""
     from bdh import BDH, BDHConfig
     from bdh.checkpoint import load_model
     if not ckpt:
-        return BDH(BDHConfig.from_name(preset, dropout=dropout))
+        return BDH(BDHConfig.from_name(preset, dropout=dropout, compute_dtype=compute_dtype))
     trained = load_model(ckpt)
-    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), "dropout": dropout}))
+    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), "dropout": dropout, "compute_dtype": compute_dtype}))
     model.load_state_dict(trained.state_dict())
     return model
 

@@ -6,7 +6,8 @@ training), after --warmup untimed steps (the first calibrates the fused layer's 
 gives the total self CPU time of the profiled steps and the ops that took most of it, grouped by
 input shapes, so that two commits can be compared op by op on one machine even where wall-clock
 timings move with the machine's load. Work outside torch's ops (numpy's dropout draws,
-bdh.ops.layer.draw_kept) counts as the self time of the op around it (FusedLayer):
+bdh.ops.layer.draw_kept) counts as the self time of the op around it (FusedLayer). With --device
+cuda the ops are ranked by their time on the GPU (self_device_ms) instead:
 
     python benchmarks/profile_step.py --ckpt runs/race-900/bdh-time --seq 2048 --batch 1
     PYTHONPATH=<other checkout> python benchmarks/profile_step.py ...   # the same step of another commit
@@ -19,7 +20,7 @@ import sys
 
 import torch
 from common import add_out_args, bdh_model, check_out, emit, token_batches
-from torch.profiler import profile, record_function
+from torch.profiler import ProfilerActivity, profile, record_function
 
 
 def main(argv=None) -> int:
@@ -31,17 +32,19 @@ def main(argv=None) -> int:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="steps profiled")
-    p.add_argument("--top", type=int, default=25, help="ops listed, by self CPU time")
+    p.add_argument("--top", type=int, default=25, help="ops listed, by self CPU time (on a GPU: self device time)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     add_out_args(p)
     args = p.parse_args(argv)
     check_out(args)
     torch.manual_seed(0)
-    model = bdh_model(args.preset, args.ckpt, args.dropout).train()
+    device = torch.device(args.device)
+    model = bdh_model(args.preset, args.ckpt, args.dropout).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = token_batches(args.ckpt, args.seq, args.batch, model.config.vocab_size)
 
     def step():
-        x, y = next(data)
+        x, y = (t.to(device) for t in next(data))
         loss = model(x, y, return_state=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -49,19 +52,27 @@ def main(argv=None) -> int:
 
     for _ in range(args.warmup):
         step()
-    with profile(record_shapes=True) as prof:
+    gpu, extra = device.type == "cuda", {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(args.steps):
             with record_function("training step"):
                 step()
+        if gpu:
+            torch.cuda.synchronize(device)
     events = [e for e in prof.key_averages(group_by_input_shape=True) if e.key != "training step"]
-    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    events.sort(key=lambda e: e.self_device_time_total if gpu else e.self_cpu_time_total, reverse=True)
     total_ms = sum(e.self_cpu_time_total for e in events) / 1e3
     top = [{"op": e.key, "shapes": str(e.input_shapes), "calls": e.count,
-            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)} for e in events[:args.top]]
+            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+            **({"self_device_ms": round(e.self_device_time_total / 1e3, 2)} if gpu else {})} for e in events[:args.top]]
+    if gpu:
+        device_ms = sum(e.self_device_time_total for e in events) / 1e3
+        extra["self_device_s_per_step"] = round(device_ms / 1e3 / args.steps, 4)
     emit("profile_step", {"preset": args.preset, "ckpt": args.ckpt or None, "T": args.seq, "batch": args.batch,
                           "dropout": args.dropout, "engine": model.engine(args.seq, False, False, batch=args.batch),
                           "steps": args.steps, "self_cpu_s": round(total_ms / 1e3, 3),
-                          "self_cpu_s_per_step": round(total_ms / 1e3 / args.steps, 3), "results": top},
+                          "self_cpu_s_per_step": round(total_ms / 1e3 / args.steps, 3), **extra, "results": top},
          args.out, args.overwrite)
     return 0
 

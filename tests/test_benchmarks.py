@@ -21,14 +21,18 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_benchmark_runs_and_writes_its_json(name, tmp_path):
-    out = tmp_path / f"{name}.json"
+def run_benchmark(name: str, args: list[str], out: Path) -> dict:
+    """Run benchmarks/<name>.py with --out and return the JSON it wrote."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *CASES[name], "--out", str(out)],
+    done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args, "--out", str(out)],
                           cwd=BENCH, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_runs_and_writes_its_json(name, tmp_path):
+    result = run_benchmark(name, CASES[name], tmp_path / f"{name}.json")
     assert result["benchmark"] == name and result["machine"]["cpu"] and result["results"]
     if name == "vs_authors":
         for row in result["results"]:
@@ -40,3 +44,13 @@ def test_benchmark_runs_and_writes_its_json(name, tmp_path):
         assert len(ops) == 5 and result["self_cpu_s"] >= sum(op["self_cpu_ms"] for op in ops) / 1e3 > 0
     if name == "sparse_readout":
         assert all(r["max_abs_diff"] < 1e-5 for r in result["results"])
+
+
+def test_vs_authors_in_bfloat16_runs_both_forms_under_autocast(tmp_path):
+    """bdh's fused layer is float32 only: in bfloat16 it takes the op-by-op layer, and both forms
+    still compute the same loss to bfloat16's precision."""
+    result = run_benchmark("vs_authors", [*CASES["vs_authors"], "--dtype", "bfloat16"], tmp_path / "bf16.json")
+    for row in result["results"]:
+        assert row["dtype"] == "bfloat16" and not row["engine"].startswith("fused:")
+        if row["dropout"] == 0:
+            assert 0 < row["first_loss_diff"] < 0.05  # rounded differently, the same computation

@@ -8,19 +8,22 @@ from bdh.generate import sample_next
 from tests.test_model import make_model, rel_err
 
 
-@pytest.mark.parametrize("overrides", [{}, {"decay": "alibi"}, {"layout": "eq8"}])
-def test_teacher_forced_decode_equals_parallel(overrides):
-    model = make_model(**overrides)
-    idx = torch.randint(0, 256, (2, 30))
+def assert_teacher_forced_decode_equals_parallel(model, idx, prefill=10):
+    """Logits of idx (B, T) in one pass, and by a prefill then one token at a time from the state."""
     with torch.no_grad():
         parallel = model(idx).logits
-        out = model(idx[:, :10])  # prefill
+        out = model(idx[:, :prefill])
         logits, state = [out.logits], out.state
-        for t in range(10, 30):
+        for t in range(prefill, idx.shape[1]):
             out = model(idx[:, t : t + 1], state=state)
             logits.append(out.logits)
             state = out.state
     assert rel_err(torch.cat(logits, dim=1), parallel) < 1e-5
+
+
+@pytest.mark.parametrize("overrides", [{}, {"decay": "alibi"}, {"layout": "eq8"}])
+def test_teacher_forced_decode_equals_parallel(overrides):
+    assert_teacher_forced_decode_equals_parallel(make_model(**overrides), torch.randint(0, 256, (2, 30)))
 
 
 def test_generate_returns_prompt_then_greedy_tokens():

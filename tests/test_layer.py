@@ -54,8 +54,11 @@ def rel_err(a, b):
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["nodecay", "decay"])
 @pytest.mark.parametrize("layernorm", [True, False])
 @pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)
-def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, layernorm, keep, monkeypatch):
+@pytest.mark.parametrize("one", [False, True], ids=["per-sequence", "one-product"])
+def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, layernorm, keep, one, monkeypatch):
+    """one: the weight products over all sequences at once, as off the CPU (layer.one_product)."""
     monkeypatch.setattr(layer, "kept", lambda big, size: keep)
+    monkeypatch.setattr(layer, "one_product", lambda a: one)
     v, Dx, Dy, E, rotors, s0 = make(T, with_state)
     leaves = [t for t in (v, Dx, Dy, E, s0) if t is not None]
     z, state = fused_layer(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, need_state=True)
@@ -70,9 +73,11 @@ def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, la
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["nodecay", "decay"])
 @pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)
 @pytest.mark.parametrize("scores", [True, False], ids=["keep-scores", "remake-scores"])
-def test_row_blocked_direct_form_matches_op_by_op(T, block, decay, keep, scores, monkeypatch):
+@pytest.mark.parametrize("one", [False, True], ids=["per-sequence", "one-product"])
+def test_row_blocked_direct_form_matches_op_by_op(T, block, decay, keep, scores, one, monkeypatch):
     """block: the quadratic form in row blocks (no states), against the authors' form op by op."""
     monkeypatch.setattr(layer, "kept", lambda big, size: keep)
+    monkeypatch.setattr(layer, "one_product", lambda a: one)
     monkeypatch.setattr(layer, "keeps_scores", lambda *shape: scores)
     v, Dx, Dy, E, rotors, _ = make(T, False)
     leaves = [v, Dx, Dy, E]

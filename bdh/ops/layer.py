@@ -185,8 +185,8 @@ def draw_kept(shape, p: float, like: torch.Tensor, as_float: torch.Tensor | None
     """Which entries of a tensor of this shape dropout keeps (bool): each with probability 1 - p.
 
     as_float: a contiguous float tensor of this shape that also receives the mask as 0/1
-    (multiplying by a bool tensor converts it to a fresh float one first). The op-by-op layer
-    draws its mask of y with this function too, so it and the fused layer's dense read-out drop
+    (multiplying by a bool tensor converts it to a fresh float one first). On the CPU the op-by-op
+    layer draws its mask of y with this function too, so it and the fused layer's dense read-out drop
     the same entries under the same seed; the sparse read-out draws for y's non-zeros only (shape
     (nnz,)), a different draw of the same distribution.
 
@@ -347,10 +347,14 @@ SCRATCH = Scratch()
 def per_head(a: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a (B, nh, T, K) @ W (nh, K, M) -> (B, nh, T, M), into out if given.
 
-    One batched matmul over the heads per sequence, reading W in place: torch.matmul would
-    first copy W once per sequence (B x the weight: 38 MB per product at B = 16, small).
+    On the CPU, one batched matmul over the heads per sequence, reading W in place: torch.matmul
+    would first copy W once per sequence (B x the weight: 38 MB per product at B = 16, small).
+    Elsewhere one product over every sequence (one_product).
     """
     B, nh, T, _ = a.shape
+    if one_product(a):
+        product = torch.einsum("bhtk,hkm->bhtm", a, W)
+        return product if out is None else out.copy_(product)
     out = a.new_empty(B, nh, T, W.shape[-1]) if out is None else out
     for b in range(B):
         torch.bmm(a[b], W, out=out[b])
@@ -358,11 +362,22 @@ def per_head(a: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) 
 
 
 def weight_grad(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_b a[b]^T g[b]: a (B, nh, T, K), g (B, nh, T, M) -> (nh, K, M), accumulated in place."""
+    """sum_b a[b]^T g[b]: a (B, nh, T, K), g (B, nh, T, M) -> (nh, K, M), on the CPU accumulated in
+    place one sequence at a time, elsewhere one product (one_product)."""
+    if one_product(a):
+        return torch.einsum("bhtk,bhtm->hkm", a, g)
     total = torch.bmm(a[0].transpose(1, 2), g[0])
     for b in range(1, a.shape[0]):
         total.baddbmm_(a[b].transpose(1, 2), g[b])
     return total
+
+
+def one_product(a: torch.Tensor) -> bool:
+    """Whether per_head and weight_grad take one product over all sequences (heads moved to the
+    front, copies made) rather than one per sequence. A GPU's profile showed the per-sequence loop
+    at B = 256 as 6,912 products of 128 rows per step, each too small to fill the device
+    (benchmarks/README.md, "On a GPU"); on the CPU the loop is what was measured fastest."""
+    return a.device.type != "cpu"
 
 
 def relu_backward_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
