@@ -129,8 +129,8 @@ class BDHConfig(ModelConfig):
     attn_impl: str = "auto"
     # train with the fused layer (bdh.ops.layer: one autograd Function per layer, chunked form):
     # True, False, or "auto" = wherever it applies (float32, reference layout, no detach_kv,
-    # attn_impl auto or chunked, no activation capture, chunks dividing T) on the CPU; on a GPU
-    # "auto" takes the op-by-op layer, measured faster there (benchmarks/README.md, "On a GPU")
+    # attn_impl auto or chunked, no activation capture, chunks dividing T), and off the CPU where
+    # timed faster than the op-by-op layer for the shape (bdh.ops.plan.fused_pays)
     fused: str | bool = "auto"
     # chunk length of the chunked form and of the fused layer (memory/speed only, same results);
     # "auto": the fused layer's form and chunk per shape from a calibration cached per machine

@@ -60,7 +60,7 @@ from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, 
 from bdh.ops.chunked import CHUNK_SIZE
 from bdh.ops.gated import gated_decode_layer, get_gated_attention
 from bdh.ops.layer import Rotors, draw_kept, fused_layer, norm
-from bdh.ops.plan import Plan, plan_for, sparse_below
+from bdh.ops.plan import Plan, best_of, fused_pays, plan_for, sparse_below, times_layer_forms
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
 from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
@@ -165,11 +165,10 @@ class BDH(ModelBase):
     def _fused_plan(self, B: int, T: int, has_state: bool, wants_state: bool) -> Plan | None:
         """How the fused layer runs B sequences of T tokens, or None where the op-by-op layer runs.
 
-        fused=False: never. "auto": on the CPU, wherever the fused layer computes the same thing
-        (float32, the reference layout, no detach_kv, attn_impl auto or chunked), unless activations
-        are being captured or torch.compile is tracing (it fuses the op-by-op layer itself); on a
-        GPU never, where the op-by-op layer was measured faster (an H100 and an H200:
-        benchmarks/README.md, "On a GPU"; the fused layer keeps its lower peak memory). With
+        fused=False: never. "auto": wherever the fused layer computes the same thing (float32,
+        the reference layout, no detach_kv, attn_impl auto or chunked), unless activations are
+        being captured or torch.compile is tracing (it fuses the op-by-op layer itself), and, off
+        the CPU, unless the op-by-op layer was timed faster for this shape (_fused_pays). With
         chunk_size "auto" the plan is bdh.ops.plan's for the shape; with a number, chunks of
         min(chunk_size, T) when that divides T. fused=True: the same, but an error where it
         cannot run.
@@ -191,7 +190,8 @@ class BDH(ModelBase):
         elif torch.compiler.is_compiling():
             return None
         if why is None:
-            if c.fused == "auto" and self.encoder.device.type != "cpu":
+            if c.fused == "auto" and times_layer_forms(self.encoder.device) and \
+                    not self._fused_pays(B, T, has_state, wants_state):
                 return None
             if not auto:
                 return Plan(C)
@@ -200,6 +200,40 @@ class BDH(ModelBase):
             raise UserError(f"fused=True needs {why}; set fused='auto' to fall back to the op-by-op layer")
         return None
 
+    def _fused_pays(self, B: int, T: int, has_state: bool, wants_state: bool) -> bool:
+        """Off the CPU: whether the fused layer is the faster here (bdh.ops.plan.fused_pays: timed once
+        per machine and shape, forward and, where gradients are on, backward)."""
+        c = self.config
+        grad = torch.is_grad_enabled()
+        return fused_pays(B, T, c.n_head, c.neurons_per_head, c.n_embd, has_state or wants_state, grad, self.encoder,
+                          lambda: self._time_layer_forms(B, T, has_state, wants_state, grad))
+
+    def _time_layer_forms(self, B: int, T: int, has_state: bool, wants_state: bool, grad: bool) -> dict[str, float]:
+        """Best-of-3 seconds of the layers on B random sequences of T tokens, fused and op by op:
+        forward, and with grad a backward from the logits. The random generators, every .grad and
+        config.fused are left as they were."""
+        device = self.encoder.device
+        params = [p for p in self.parameters() if p.requires_grad] if grad else []
+
+        def run():
+            logits, _ = self._layers(idx, state, wants_state)
+            if params:
+                torch.autograd.grad(logits.float().square().mean(), params, allow_unused=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        seconds = {}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            idx = torch.randint(0, self.config.vocab_size, (B, T), device=device)
+            state = self.init_state(B, device) if has_state else None
+            for name, fused in (("fused", True), ("op_by_op", False)):
+                self.config.fused = fused
+                try:
+                    seconds[name] = best_of(run, 3)
+                finally:
+                    self.config.fused = "auto"
+        return seconds
+
     def _layers(self, idx, state, return_state):
         c = self.config
         T = idx.shape[1]
@@ -207,7 +241,8 @@ class BDH(ModelBase):
         sparse = sparse_below(idx.shape[0], T, c.n_head, c.neurons_per_head, c.n_embd, self.encoder) if plan else 0.0
         gated = c.variant == "gpu-prime"
         forms = get_gated_attention if gated else get_attention
-        attn = None if plan else forms(self.engine(T, state is not None, return_state), self._chunk_size())
+        attn = None if plan else forms(self.engine(T, state is not None, return_state, batch=idx.shape[0]),
+                                       self._chunk_size())
         shared = self._rope(idx, state)  # Rotors: 1|B, nh, T, N/2 complex and what the fused backward derives
         rotors = shared.r
         v = self._ln(self.embed(idx)).unsqueeze(1)  # B, 1, T, D

@@ -39,11 +39,19 @@ def logits_state_grads(model, idx, prefix, seed=1):
     return [out.logits, *out.state.rho, *(p.grad for p in model.parameters()), *(r.grad for r in state.rho)]
 
 
-def test_auto_takes_the_op_by_op_layer_on_the_gpu_and_fused_true_the_fused_one():
-    """On a GPU the op-by-op layer was measured faster (BDH._fused_plan); fused=True still fuses."""
+def test_on_the_gpu_auto_runs_the_layer_form_timed_faster(tmp_path, monkeypatch):
+    """Off the CPU fused="auto" times the fused and the op-by-op layer per shape (BDH._fused_pays);
+    shapes too small to time go op by op; fused=True fuses whatever the timings."""
+    monkeypatch.setenv("BDH_CACHE", str(tmp_path))
+    monkeypatch.setattr(plan, "_memo", {})
     assert make_model().engine(16) == "fused:chunked/16"  # on the CPU
-    assert make_model().to(GPU).engine(16) in ("naive", "chunked")
+    assert not make_model().to(GPU).engine(16).startswith("fused:")
     assert make_model(fused=True).to(GPU).engine(16).startswith("fused:")
+    B, T = 8, 256  # B nh T N above plan.CALIBRATE_FROM
+    engine = BDH(BDHConfig.from_name("small")).to(GPU).train().engine(T, False, False, batch=B)
+    [entry] = [v for k, v in plan._read_table(tmp_path / plan.CACHE_FILE).items() if k.endswith("layer-form")]
+    seconds = entry["seconds"]
+    assert engine.startswith("fused:") == entry["fused"] == (seconds["fused"] < seconds["op_by_op"])
 
 
 @pytest.mark.parametrize("overrides", [{}, {"decay": "alibi", "layernorm": False}], ids=["reference", "decay-normfree"])

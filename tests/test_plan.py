@@ -112,3 +112,46 @@ def test_a_corrupt_cache_file_is_measured_again_and_rewritten(monkeypatch):
     (cache_root() / CACHE_FILE).write_text("{not json")
     assert plan_for(2, 128, 2, 16, 8, False, torch.empty(0)).block is not None
     assert len(read_json(cache_root() / CACHE_FILE)) == 1
+
+
+def off_the_cpu(monkeypatch):
+    """The model as off the CPU (the fused and op-by-op layers timed per shape), tiny shapes calibrated."""
+    monkeypatch.setattr("bdh.model.times_layer_forms", lambda device: True)
+    monkeypatch.setattr(plan_mod, "calibrating", lambda *shape: True)
+
+
+def test_off_the_cpu_both_layer_forms_are_timed_once_and_leave_no_trace(monkeypatch):
+    """The timing passes draw no random numbers the caller sees, leave .grad and config.fused alone,
+    and their result is cached: the engine then follows the faster."""
+    off_the_cpu(monkeypatch)
+    model = BDH(BDHConfig.from_name("tiny")).train()
+    idx = torch.randint(0, 256, (2, 16))
+    rng = torch.get_rng_state()
+    out = model(idx, targets=idx, return_state=False)  # dropout 0: the pass itself draws nothing
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters()) and model.config.fused == "auto"
+    table = read_json(cache_root() / CACHE_FILE)
+    [entry] = [v for k, v in table.items() if k.endswith("states0 grad1 layer-form")]
+    assert set(entry["seconds"]) == {"fused", "op_by_op"} and min(entry["seconds"].values()) > 0
+    assert entry["fused"] == (entry["seconds"]["fused"] < entry["seconds"]["op_by_op"])
+    assert model._fused_plan(2, 16, False, False) is not None or not entry["fused"]
+    assert model.engine(16, False, False, batch=2).startswith("fused:") == entry["fused"]
+    with torch.no_grad():  # forward alone is another shape of the question
+        model(idx, return_state=False)
+    assert sum(k.endswith("layer-form") for k in read_json(cache_root() / CACHE_FILE)) == 2
+    out.loss.backward()
+
+
+@pytest.mark.parametrize("fused_seconds, fused", [(1.0, True), (3.0, False)])
+def test_off_the_cpu_the_faster_layer_form_runs(fused_seconds, fused, monkeypatch):
+    off_the_cpu(monkeypatch)
+    calls = []
+    monkeypatch.setattr(BDH, "_time_layer_forms",
+                        lambda self, *shape: calls.append(shape) or {"fused": fused_seconds, "op_by_op": 2.0})
+    model = BDH(BDHConfig.from_name("tiny")).train()
+    assert model.engine(16, False, False, batch=2).startswith("fused:") == fused
+    assert model.engine(16, False, False, batch=2).startswith("fused:") == fused
+    assert len(calls) == 1  # then cached
+    monkeypatch.setattr(plan_mod, "calibrating", lambda *shape: False)  # too small to time: op by op
+    assert not model.engine(8, False, False, batch=2).startswith("fused:") and len(calls) == 1
+    assert BDH(BDHConfig.from_name("tiny", fused=True)).engine(8).startswith("fused:")  # on request

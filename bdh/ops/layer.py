@@ -375,7 +375,7 @@ def weight_grad(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def one_product(a: torch.Tensor) -> bool:
     """Whether per_head and weight_grad take one product over all sequences (heads moved to the
     front, copies made) rather than one per sequence. A GPU's profile showed the per-sequence loop
-    at B = 256 as 6,912 products of 128 rows per step, each too small to fill the device
+    at B = 256 as 6,912 products of 4 x 128 rows per step, each too small to fill the device
     (benchmarks/README.md, "On a GPU"); on the CPU the loop is what was measured fastest."""
     return a.device.type != "cpu"
 

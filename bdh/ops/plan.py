@@ -22,6 +22,11 @@ is faster held sparse (sparse_below; bdh.ops.sparse): the dense and the sparse r
 few densities. Small shapes (under CALIBRATE_FROM elements per N-wide tensor), or
 BDH_CALIBRATE=0, use the count alone and never the sparse read-out. Every choice computes the
 same function; only rounding and speed differ. Delete the cache file to measure again.
+
+Off the CPU the same cache also says, per shape, whether the fused layer runs at all
+(fused_pays): the model's layers are timed fused and op by op, and the faster is kept. On the
+CPU the fused layer was the faster at every shape measured; on an H100 it was not, at T = 128
+and 512 (benchmarks/README.md, "On a GPU").
 """
 
 from __future__ import annotations
@@ -92,6 +97,27 @@ def plan_for(B: int, T: int, nh: int, N: int, D: int, states: bool, like: torch.
     key = f"{_shape_key(*shape)} states{int(states)}"
     entry = _cached(key, lambda: _fastest({str(p): measure(p, *shape) for p in ranked[:TIMED]}))
     return Plan.parse(entry["plan"], T)
+
+
+def times_layer_forms(device: torch.device) -> bool:
+    """Whether fused="auto" times the fused layer against the op-by-op one on this device (off the CPU)."""
+    return device.type != "cpu"
+
+
+def fused_pays(B: int, T: int, nh: int, N: int, D: int, states: bool, grad: bool, like: torch.Tensor,
+               timings) -> bool:
+    """Whether the fused layer is faster than the op-by-op one for this shape, with or without a
+    backward (grad): timings() -> {"fused": seconds, "op_by_op": seconds}, called once per machine
+    and shape, then cached. Shapes too small to calibrate (or BDH_CALIBRATE=0) take the op-by-op
+    layer, the faster at every shape timed on a GPU before this choice was made."""
+    if not calibrating(B, nh, T, N):
+        return False
+    key = f"{_shape_key(B, nh, T, N, D, like.device, like.dtype)} states{int(states)} grad{int(grad)} layer-form"
+    return _cached(key, lambda: _faster_form(timings()))["fused"]
+
+
+def _faster_form(seconds: dict) -> dict:
+    return {"fused": seconds["fused"] < seconds["op_by_op"], "seconds": seconds}
 
 
 def sparse_below(B: int, T: int, nh: int, N: int, D: int, like: torch.Tensor) -> float:
@@ -201,7 +227,7 @@ def measure(plan: Plan, B, nh, T, N, D, device, dtype, repeats: int = 2) -> floa
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    return _best_of(run, repeats)
+    return best_of(run, repeats)
 
 
 def readout_inputs(B, nh, T, N, D, device, dtype, density, seed=0):
@@ -234,10 +260,12 @@ def sparse_readout_pass(x, a_hat, Dy, E, dz_heads):
 def measure_readout(B, nh, T, N, D, device, dtype, density: float, repeats: int = 2) -> tuple[float, float]:
     """Best-of-repeats seconds of the dense and of the sparse read-out at this density of y."""
     args = readout_inputs(B, nh, T, N, D, device, dtype, density)
-    return tuple(_best_of(lambda: fn(*args), repeats) for fn in (dense_readout, sparse_readout_pass))
+    return tuple(best_of(lambda: fn(*args), repeats) for fn in (dense_readout, sparse_readout_pass))
 
 
-def _best_of(run, repeats: int) -> float:
+def best_of(run, repeats: int) -> float:
+    """The fewest seconds of `repeats` calls of run() after one untimed call (off the CPU, run
+    synchronises the device itself)."""
     run()
     best = float("inf")
     for _ in range(repeats):
