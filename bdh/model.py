@@ -210,8 +210,8 @@ class BDH(ModelBase):
 
     def _time_layer_forms(self, B: int, T: int, has_state: bool, wants_state: bool, grad: bool) -> dict[str, float]:
         """Best-of-3 seconds of the layers on B random sequences of T tokens, fused and op by op:
-        forward, and with grad a backward from the logits. The random generators, every .grad and
-        config.fused are left as they were."""
+        forward, and with grad a backward from the logits; None for a form that ran out of device
+        memory. The random generators, every .grad and config.fused are left as they were."""
         device = self.encoder.device
         params = [p for p in self.parameters() if p.requires_grad] if grad else []
 
@@ -230,6 +230,9 @@ class BDH(ModelBase):
                 self.config.fused = fused
                 try:
                     seconds[name] = best_of(run, 3)
+                except torch.cuda.OutOfMemoryError:  # the fused layer needs less memory: it may fit alone
+                    seconds[name] = None
+                    torch.cuda.empty_cache()
                 finally:
                     self.config.fused = "auto"
         return seconds

@@ -155,3 +155,21 @@ def test_off_the_cpu_the_faster_layer_form_runs(fused_seconds, fused, monkeypatc
     monkeypatch.setattr(plan_mod, "calibrating", lambda *shape: False)  # too small to time: op by op
     assert not model.engine(8, False, False, batch=2).startswith("fused:") and len(calls) == 1
     assert BDH(BDHConfig.from_name("tiny", fused=True)).engine(8).startswith("fused:")  # on request
+
+
+def test_off_the_cpu_a_layer_form_that_runs_out_of_memory_counts_as_slowest(monkeypatch):
+    """At a batch only the fused layer fits, the op-by-op timing runs out of device memory: the
+    fused layer runs, and the caller sees no error."""
+    off_the_cpu(monkeypatch)
+    model = BDH(BDHConfig.from_name("tiny")).train()
+
+    def best_of(run, repeats):
+        if model.config.fused is False:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+        return 1.0
+
+    monkeypatch.setattr("bdh.model.best_of", best_of)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert model.engine(16, False, False, batch=2).startswith("fused:")
+    [entry] = [v for k, v in read_json(cache_root() / CACHE_FILE).items() if k.endswith("layer-form")]
+    assert entry == {"fused": True, "seconds": {"fused": 1.0, "op_by_op": None}}

@@ -107,7 +107,8 @@ def times_layer_forms(device: torch.device) -> bool:
 def fused_pays(B: int, T: int, nh: int, N: int, D: int, states: bool, grad: bool, like: torch.Tensor,
                timings) -> bool:
     """Whether the fused layer is faster than the op-by-op one for this shape, with or without a
-    backward (grad): timings() -> {"fused": seconds, "op_by_op": seconds}, called once per machine
+    backward (grad): timings() -> {"fused": seconds, "op_by_op": seconds} (None: ran out of
+    memory, as slow as can be), called once per machine
     and shape, then cached. Shapes too small to calibrate (or BDH_CALIBRATE=0) take the op-by-op
     layer, the faster at every shape timed on a GPU before this choice was made."""
     if not calibrating(B, nh, T, N):
@@ -117,7 +118,8 @@ def fused_pays(B: int, T: int, nh: int, N: int, D: int, states: bool, grad: bool
 
 
 def _faster_form(seconds: dict) -> dict:
-    return {"fused": seconds["fused"] < seconds["op_by_op"], "seconds": seconds}
+    fused, op_by_op = (float("inf") if s is None else s for s in (seconds["fused"], seconds["op_by_op"]))
+    return {"fused": fused < op_by_op, "seconds": seconds}
 
 
 def sparse_below(B: int, T: int, nh: int, N: int, D: int, like: torch.Tensor) -> float:
