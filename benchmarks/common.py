@@ -123,15 +123,19 @@ def self_usage() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bdh_model(preset: str, ckpt: str, dropout: float, compute_dtype: str = "float32"):
+FUSED = {"auto": "auto", "on": True, "off": False}  # a --fused flag's values as BDHConfig.fused
+
+
+def bdh_model(preset: str, ckpt: str, dropout: float, compute_dtype: str = "float32", fused: str = "auto"):
     """A BDH of a preset (fresh weights), or with ckpt the trained weights and config of that checkpoint,
-    at this dropout and compute_dtype."""
+    at this dropout, compute_dtype and fused (a key of FUSED)."""
     from bdh import BDH, BDHConfig
     from bdh.checkpoint import load_model
+    settings = {"dropout": dropout, "compute_dtype": compute_dtype, "fused": FUSED[fused]}
     if not ckpt:
-        return BDH(BDHConfig.from_name(preset, dropout=dropout, compute_dtype=compute_dtype))
+        return BDH(BDHConfig.from_name(preset, **settings))
     trained = load_model(ckpt)
-    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), "dropout": dropout, "compute_dtype": compute_dtype}))
+    model = BDH(BDHConfig.from_dict({**trained.config.to_dict(), **settings}))
     model.load_state_dict(trained.state_dict())
     return model
 

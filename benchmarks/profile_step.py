@@ -19,7 +19,7 @@ import argparse
 import sys
 
 import torch
-from common import add_out_args, bdh_model, check_out, emit, token_batches
+from common import FUSED, add_out_args, bdh_model, check_out, emit, token_batches
 from torch.profiler import ProfilerActivity, profile, record_function
 
 
@@ -34,12 +34,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="steps profiled")
     p.add_argument("--top", type=int, default=25, help="ops listed, by self CPU time (on a GPU: self device time)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--fused", default="auto", choices=list(FUSED), help="the model's fused setting (on: True)")
     add_out_args(p)
     args = p.parse_args(argv)
     check_out(args)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = bdh_model(args.preset, args.ckpt, args.dropout).to(device).train()
+    model = bdh_model(args.preset, args.ckpt, args.dropout, fused=args.fused).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = token_batches(args.ckpt, args.seq, args.batch, model.config.vocab_size)
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import add_out_args, check_out, emit, median
+from common import FUSED, add_out_args, check_out, emit, median
 from train_step import authors_flops_per_token, fused_flops_per_token
 
 from bdh import BDHConfig
@@ -47,8 +47,7 @@ ckpt, device, dtype, fused = sys.argv[8], torch.device(sys.argv[9]), sys.argv[10
 cuda = device.type == "cuda"
 sync = torch.cuda.synchronize if cuda else (lambda: None)
 torch.manual_seed(0)
-model = bdh_model(preset, ckpt, max(ps), dtype).to(device)  # with ckpt: trained weights, its config
-model.config.fused = {"auto": "auto", "off": False}[fused]
+model = bdh_model(preset, ckpt, max(ps), dtype, fused).to(device)  # with ckpt: trained weights, its config
 if form == "plan":  # calibrate in a process of its own, so that its buffers are not in the timed one's peak
     from bdh.ops.plan import sparse_below
     c = model.config
@@ -135,8 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bdh's compute_dtype (bfloat16: the op-by-op layer under autocast, as the fused one is "
                    "float32 only) and the authors' form's autocast, as in their training script")
-    p.add_argument("--fused", default="auto", choices=["auto", "off"],
-                   help="bdh's fused layer: where it can run (the default), or never (the op-by-op layer)")
+    p.add_argument("--fused", default="auto", choices=list(FUSED),
+                   help="bdh's fused layer: as fused='auto' chooses (the default), always (fused=True), or never "
+                   "(the op-by-op layer)")
     add_out_args(p)
     args = p.parse_args(argv)
     check_out(args)
