@@ -208,7 +208,8 @@ class BDH(ModelBase):
         return fused_pays(B, T, c.n_head, c.neurons_per_head, c.n_embd, has_state or wants_state, grad, self.encoder,
                           lambda: self._time_layer_forms(B, T, has_state, wants_state, grad))
 
-    def _time_layer_forms(self, B: int, T: int, has_state: bool, wants_state: bool, grad: bool) -> dict[str, float]:
+    def _time_layer_forms(self, B: int, T: int, has_state: bool, wants_state: bool,
+                          grad: bool) -> dict[str, float | None]:
         """Best-of-3 seconds of the layers on B random sequences of T tokens, fused and op by op:
         forward, and with grad a backward from the logits; None for a form that ran out of device
         memory. The random generators, every .grad and config.fused are left as they were."""
@@ -331,10 +332,11 @@ class BDH(ModelBase):
         self._emit("a", layer, a)
         y = F.relu(head_product(self._ln(a), self.encoder_v)) * x  # B, nh, T, N
         self._emit("y", layer, y)
-        if self.training and self.drop.p > 0 and y.device.type == "cpu":
-            y = y * draw_kept(y.shape, self.drop.p, y) / (1 - self.drop.p)  # drawn as the fused layer draws it
-        elif self.training and self.drop.p > 0:  # elsewhere torch's one-pass dropout (benchmarks/README.md, "On a GPU")
-            y = self.drop(y)
+        if self.training and self.drop.p > 0:
+            if y.device.type == "cpu":  # drawn as the fused layer draws it
+                y = y * draw_kept(y.shape, self.drop.p, y) / (1 - self.drop.p)
+            else:  # torch's one-pass dropout (benchmarks/README.md, "On a GPU")
+                y = self.drop(y)
         E = self._E()
         if few_tokens(y):
             return head_product(y, E).sum(dim=1, keepdim=True)  # B, 1, T, D

@@ -7,7 +7,8 @@ gives the total self CPU time of the profiled steps and the ops that took most o
 input shapes, so that two commits can be compared op by op on one machine even where wall-clock
 timings move with the machine's load. Work outside torch's ops (numpy's dropout draws,
 bdh.ops.layer.draw_kept) counts as the self time of the op around it (FusedLayer). With --device
-cuda the ops are ranked by their time on the GPU (self_device_ms) instead:
+cuda the ops are ranked by their time on the GPU (self_device_ms: an op's kernels are counted in
+its own row and again in theirs, so the rows do not add up to the step):
 
     python benchmarks/profile_step.py --ckpt runs/race-900/bdh-time --seq 2048 --batch 1
     PYTHONPATH=<other checkout> python benchmarks/profile_step.py ...   # the same step of another commit
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
 
     for _ in range(args.warmup):
         step()
-    gpu, extra = device.type == "cuda", {}
+    gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(args.steps):
@@ -67,13 +68,10 @@ def main(argv=None) -> int:
     top = [{"op": e.key, "shapes": str(e.input_shapes), "calls": e.count,
             "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
             **({"self_device_ms": round(e.self_device_time_total / 1e3, 2)} if gpu else {})} for e in events[:args.top]]
-    if gpu:
-        device_ms = sum(e.self_device_time_total for e in events) / 1e3
-        extra["self_device_s_per_step"] = round(device_ms / 1e3 / args.steps, 4)
     emit("profile_step", {"preset": args.preset, "ckpt": args.ckpt or None, "T": args.seq, "batch": args.batch,
                           "dropout": args.dropout, "engine": model.engine(args.seq, False, False, batch=args.batch),
                           "steps": args.steps, "self_cpu_s": round(total_ms / 1e3, 3),
-                          "self_cpu_s_per_step": round(total_ms / 1e3 / args.steps, 3), **extra, "results": top},
+                          "self_cpu_s_per_step": round(total_ms / 1e3 / args.steps, 3), "results": top},
          args.out, args.overwrite)
     return 0
 

@@ -107,10 +107,10 @@ def times_layer_forms(device: torch.device) -> bool:
 def fused_pays(B: int, T: int, nh: int, N: int, D: int, states: bool, grad: bool, like: torch.Tensor,
                timings) -> bool:
     """Whether the fused layer is faster than the op-by-op one for this shape, with or without a
-    backward (grad): timings() -> {"fused": seconds, "op_by_op": seconds} (None: ran out of
-    memory, as slow as can be), called once per machine
-    and shape, then cached. Shapes too small to calibrate (or BDH_CALIBRATE=0) take the op-by-op
-    layer, the faster at every shape timed on a GPU before this choice was made."""
+    backward (grad). timings() -> {"fused": seconds, "op_by_op": seconds} (None: ran out of
+    memory, the slowest) is called once per machine and shape, then cached. Shapes too small to
+    calibrate (or BDH_CALIBRATE=0) take the op-by-op layer, the faster at every shape timed on a
+    GPU before this choice was made."""
     if not calibrating(B, nh, T, N):
         return False
     key = f"{_shape_key(B, nh, T, N, D, like.device, like.dtype)} states{int(states)} grad{int(grad)} layer-form"
