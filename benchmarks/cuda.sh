@@ -16,7 +16,7 @@ bench() {  # name, then vs_authors flags
     python3 benchmarks/vs_authors.py --device cuda --seq 128 512 2048 --dropout 0 0.1 --repeats 10 "$@" \
         --out "$out/vs_authors_cuda_$name.json" > /dev/null && echo "vs_authors $name: done"
 }
-# about 7-8 minutes on an H100/H200 in all (each bench 1-2 minutes): one device call
+# on the H200 each bench over three lengths took 77-101 s, the tests 40 s, the profile 32 s: one device call
 bench 2k_auto --tokens-per-step 2048               # what fused="auto" picks (timed per shape off the CPU)
 bench 32k_fused --tokens-per-step 32768 --fused on
 bench 32k_opbyop --tokens-per-step 32768 --fused off
