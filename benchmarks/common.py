@@ -101,6 +101,14 @@ def check_out(args) -> None:
         _or_exit(lambda: check_output_file(Path(args.out), args.overwrite, "--overwrite"))
 
 
+def check_device(name: str) -> str:
+    """A --device value as torch names it, or one line and exit status 2 where it is bad or absent."""
+    from bdh.precision import resolve_device
+    device = []
+    _or_exit(lambda: device.append(resolve_device(name)))
+    return str(device[0])
+
+
 def emit(name: str, result: dict, out: str | None, overwrite: bool = False) -> None:
     """Print the result as JSON and, if asked, write it to a file (atomically; marked as bdh's)."""
     payload = {"benchmark": name, "written_by": "bdh", "machine": machine(),

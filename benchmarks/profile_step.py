@@ -20,7 +20,7 @@ import argparse
 import sys
 
 import torch
-from common import FUSED, add_out_args, bdh_model, check_out, emit, token_batches
+from common import FUSED, add_out_args, bdh_model, check_device, check_out, emit, token_batches
 from torch.profiler import ProfilerActivity, profile, record_function
 
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     check_out(args)
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    device = torch.device(check_device(args.device))
     model = bdh_model(args.preset, args.ckpt, args.dropout, fused=args.fused).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = token_batches(args.ckpt, args.seq, args.batch, model.config.vocab_size)

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import FUSED, add_out_args, check_out, emit, median
+from common import FUSED, add_out_args, check_device, check_out, emit, median
 from train_step import authors_flops_per_token, fused_flops_per_token
 
 from bdh import BDHConfig
@@ -101,7 +101,8 @@ def run(form: str, preset: str, T: int, B: int, dropouts: list[float], repeats: 
            str(repeats), ckpt, device, dtype, fused]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        return [{"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}] * len(dropouts)
+        error = {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
+        return error if form == "plan" else [error] * len(dropouts)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     if form == "plan":
         return r
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
                    "(the op-by-op layer)")
     add_out_args(p)
     args = p.parse_args(argv)
+    args.device = check_device(args.device)
     check_out(args)
     cfg = read_model_config(resolve_checkpoint(args.ckpt))[1] if args.ckpt else BDHConfig.from_name(args.preset)
     rows = []

@@ -21,11 +21,16 @@ CASES = {
 }
 
 
+def run_script(name: str, args: list[str], out: Path) -> subprocess.CompletedProcess:
+    """benchmarks/<name>.py with these arguments and --out, this checkout first on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args, "--out", str(out)],
+                          cwd=BENCH, env=env, capture_output=True, text=True, timeout=300)
+
+
 def run_benchmark(name: str, args: list[str], out: Path) -> dict:
     """Run benchmarks/<name>.py with --out and return the JSON it wrote."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args, "--out", str(out)],
-                          cwd=BENCH, env=env, capture_output=True, text=True, timeout=300)
+    done = run_script(name, args, out)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text())
 
@@ -54,3 +59,11 @@ def test_vs_authors_in_bfloat16_runs_both_forms_under_autocast(tmp_path):
         assert row["dtype"] == "bfloat16" and not row["engine"].startswith("fused:")
         if row["dropout"] == 0:
             assert 0 < row["first_loss_diff"] < 0.05  # rounded differently, the same computation
+
+
+@pytest.mark.parametrize("name", ["vs_authors", "profile_step"])
+def test_a_bad_device_is_one_line_before_anything_runs(name, tmp_path):
+    done = run_script(name, ["--preset", "tiny", "--device", "gpu"], tmp_path / "x.json")
+    assert done.returncode == 2 and not (tmp_path / "x.json").exists()
+    assert done.stderr.strip().splitlines() == ["bdh: error: device must be cpu, cuda, cuda:N, mps or auto "
+                                                "(cuda when available); got 'gpu'"]
