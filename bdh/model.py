@@ -60,7 +60,7 @@ from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, 
 from bdh.ops.chunked import CHUNK_SIZE
 from bdh.ops.gated import gated_decode_layer, get_gated_attention
 from bdh.ops.layer import Rotors, draw_kept, fused_layer, norm
-from bdh.ops.plan import Plan, best_of, fused_pays, plan_for, sparse_below, times_layer_forms
+from bdh.ops.plan import Plan, best_of, fused_pays, plan_for, sparse_below, synchronize, times_layer_forms
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
 from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
@@ -220,8 +220,7 @@ class BDH(ModelBase):
             logits, _ = self._layers(idx, state, wants_state)
             if params:
                 torch.autograd.grad(logits.float().square().mean(), params, allow_unused=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
 
         seconds = {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -226,8 +226,7 @@ def measure(plan: Plan, B, nh, T, N, D, device, dtype, repeats: int = 2) -> floa
             states = plan.chunk != T
             attend(q, q, v, None, w, plan.chunk, False)
             attend_backward(q, q, v, None, states, w, plan.chunk, d_o, None, shared_qk=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
 
     return best_of(run, repeats)
 
@@ -263,6 +262,14 @@ def measure_readout(B, nh, T, N, D, device, dtype, density: float, repeats: int 
     """Best-of-repeats seconds of the dense and of the sparse read-out at this density of y."""
     args = readout_inputs(B, nh, T, N, D, device, dtype, density)
     return tuple(best_of(lambda: fn(*args), repeats) for fn in (dense_readout, sparse_readout_pass))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (GPUs run asynchronously: a timer needs this)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def best_of(run, repeats: int) -> float:
