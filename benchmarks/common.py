@@ -104,9 +104,7 @@ def check_out(args) -> None:
 def check_device(name: str) -> str:
     """A --device value as torch names it, or one line and exit status 2 where it is bad or absent."""
     from bdh.precision import resolve_device
-    device = []
-    _or_exit(lambda: device.append(resolve_device(name)))
-    return str(device[0])
+    return str(_or_exit(lambda: resolve_device(name)))
 
 
 def emit(name: str, result: dict, out: str | None, overwrite: bool = False) -> None:
@@ -119,9 +117,10 @@ def emit(name: str, result: dict, out: str | None, overwrite: bool = False) -> N
         _or_exit(lambda: write_output_file(Path(out), (text + "\n").encode(), overwrite, "--overwrite"))
 
 
-def _or_exit(action) -> None:
+def _or_exit(action):
+    """action()'s value, or its UserError as one line on stderr and exit status 2."""
     try:
-        action()
+        return action()
     except UserError as err:
         print(f"bdh: error: {err}", file=sys.stderr)
         sys.exit(2)
