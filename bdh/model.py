@@ -60,7 +60,8 @@ from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, 
 from bdh.ops.chunked import CHUNK_SIZE
 from bdh.ops.gated import gated_decode_layer, get_gated_attention
 from bdh.ops.layer import Rotors, draw_kept, fused_layer, norm
-from bdh.ops.plan import Plan, best_of, fused_pays, plan_for, sparse_below, synchronize, times_layer_forms
+from bdh.ops.plan import (Plan, batched_products, best_of, fused_pays, plan_for, sparse_below, synchronize,
+                          times_layer_forms)
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
 from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
 from bdh.precision import autocast_for
@@ -241,7 +242,9 @@ class BDH(ModelBase):
         c = self.config
         T = idx.shape[1]
         plan = self._fused_plan(idx.shape[0], T, state is not None, return_state)
-        sparse = sparse_below(idx.shape[0], T, c.n_head, c.neurons_per_head, c.n_embd, self.encoder) if plan else 0.0
+        shape = (idx.shape[0], T, c.n_head, c.neurons_per_head, c.n_embd, self.encoder)
+        sparse = sparse_below(*shape) if plan else 0.0
+        batched = batched_products(*shape) if plan else False
         gated = c.variant == "gpu-prime"
         forms = get_gated_attention if gated else get_attention
         attn = None if plan else forms(self.engine(T, state is not None, return_state, batch=idx.shape[0]),
@@ -256,7 +259,7 @@ class BDH(ModelBase):
             if plan:
                 z, rho_l = fused_layer(v.squeeze(1), self.encoder, self.encoder_v, self._E(), shared, s0, self.decay,
                                        plan.chunk, c.layernorm, self.drop.p if self.training else 0.0, return_state,
-                                       plan.block, sparse)
+                                       plan.block, sparse, batched)
                 z = z.unsqueeze(1)  # B, 1, T, D
             else:
                 x = self._neurons(v, x, layer)  # B, nh, T, N

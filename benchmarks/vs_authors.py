@@ -8,8 +8,8 @@ batch is --tokens-per-step / T sequences of T tokens. The JSON records the CPU m
 it has AVX-512 and AVX2 (benchmarks/common.py), the ratios of tokens/s and of peak memory, and
 the first-step losses (equal to ~1e-5 at dropout 0: the same computation), the multiply-adds each
 form executes per step by count (train_step.py: fused_flops_per_token, authors_flops_per_token),
-the fused layer's plan and sparse read-out crossover (bdh.ops.plan, calibrated in a process of
-its own first), and y's density. With --ckpt both forms start from trained weights and read
+the fused layer's plan, sparse read-out crossover and batching of weight products (bdh.ops.plan,
+calibrated in a process of its own first), and y's density. With --ckpt both forms start from trained weights and read
 windows of the default corpus, where y is as sparse as in training. With --device cuda the steps
 run on the GPU (synchronised around each) and the peak memory is torch.cuda.max_memory_allocated;
 --dtype bfloat16 runs both forms under bf16 autocast (the authors' training script's setting on a
@@ -49,10 +49,11 @@ sync = torch.cuda.synchronize if cuda else (lambda: None)
 torch.manual_seed(0)
 model = bdh_model(preset, ckpt, max(ps), dtype, fused).to(device)  # with ckpt: trained weights, its config
 if form == "plan":  # calibrate in a process of its own, so that its buffers are not in the timed one's peak
-    from bdh.ops.plan import sparse_below
+    from bdh.ops.plan import batched_products, sparse_below
     c = model.config
-    print(json.dumps({"plan": model.engine(T, False, False, batch=B),
-                      "sparse_below": sparse_below(B, T, c.n_head, c.neurons_per_head, c.n_embd, model.encoder)}))
+    shape = (B, T, c.n_head, c.neurons_per_head, c.n_embd, model.encoder)
+    print(json.dumps({"plan": model.engine(T, False, False, batch=B), "sparse_below": sparse_below(*shape),
+                      "batched_products": batched_products(*shape)}))
     sys.exit(0)
 if form == "authors":
     model = AuthorsForm.from_bdh(model).to(device)
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
                    "fused": args.fused,
                    "T": T, "batch": B, "dropout": dropout,
                    "engine": plan.get("plan"), "sparse_readout_below": plan.get("sparse_below"),
+                   "batched_products": plan.get("batched_products"),
                    "y_density": forms["bdh"].get("y_density"), "forms": forms}
             ours, theirs = forms["bdh"], forms["authors"]
             row["counted_gflop_per_step"] = {"bdh": round(fused_flops_per_token(cfg, T, B) * B * T / 1e9, 2),

@@ -54,14 +54,13 @@ def rel_err(a, b):
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["nodecay", "decay"])
 @pytest.mark.parametrize("layernorm", [True, False])
 @pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)
-@pytest.mark.parametrize("one", [False, True], ids=["per-sequence", "one-product"])
-def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, layernorm, keep, one, monkeypatch):
-    """one: the weight products over all sequences at once, as off the CPU (layer.one_product)."""
+@pytest.mark.parametrize("batched", [False, True], ids=["per-sequence", "batched"])
+def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, layernorm, keep, batched, monkeypatch):
+    """batched: the weight products as one product over all sequences (per_head)."""
     monkeypatch.setattr(layer, "kept", lambda big, size: keep)
-    monkeypatch.setattr(layer, "one_product", lambda a: one)
     v, Dx, Dy, E, rotors, s0 = make(T, with_state)
     leaves = [t for t in (v, Dx, Dy, E, s0) if t is not None]
-    z, state = fused_layer(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, need_state=True)
+    z, state = fused_layer(v, Dx, Dy, E, rotors, s0, decay, C, layernorm, need_state=True, batched=batched)
     z_ref, state_ref = reference_layer(v, Dx, Dy, E, rotors, s0, decay, layernorm, None)
     assert rel_err(z, z_ref) < 1e-12
     assert rel_err(state, state_ref) < 1e-12
@@ -73,15 +72,14 @@ def test_outputs_states_and_gradients_match_op_by_op(T, C, with_state, decay, la
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["nodecay", "decay"])
 @pytest.mark.parametrize("keep", KEEPS, ids=KEEP_IDS)
 @pytest.mark.parametrize("scores", [True, False], ids=["keep-scores", "remake-scores"])
-@pytest.mark.parametrize("one", [False, True], ids=["per-sequence", "one-product"])
-def test_row_blocked_direct_form_matches_op_by_op(T, block, decay, keep, scores, one, monkeypatch):
+@pytest.mark.parametrize("batched", [False, True], ids=["per-sequence", "batched"])
+def test_row_blocked_direct_form_matches_op_by_op(T, block, decay, keep, scores, batched, monkeypatch):
     """block: the quadratic form in row blocks (no states), against the authors' form op by op."""
     monkeypatch.setattr(layer, "kept", lambda big, size: keep)
-    monkeypatch.setattr(layer, "one_product", lambda a: one)
     monkeypatch.setattr(layer, "keeps_scores", lambda *shape: scores)
     v, Dx, Dy, E, rotors, _ = make(T, False)
     leaves = [v, Dx, Dy, E]
-    z, state = fused_layer(v, Dx, Dy, E, rotors, None, decay, None, True, block=block)
+    z, state = fused_layer(v, Dx, Dy, E, rotors, None, decay, None, True, block=block, batched=batched)
     z_ref, _ = reference_layer(v, Dx, Dy, E, rotors, None, decay, True, None)
     assert state is None
     assert rel_err(z, z_ref) < 1e-12

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bdh.fileio import cache_root, read_json
-from bdh.ops import plan as plan_mod
+from bdh.ops import layer, plan as plan_mod
 from bdh.ops.plan import CACHE_FILE, Plan, candidates, counted_cost, plan_for
 from bdh import BDH, BDHConfig
 
@@ -173,3 +173,51 @@ def test_off_the_cpu_a_layer_form_that_runs_out_of_memory_counts_as_slowest(monk
     assert model.engine(16, False, False, batch=2).startswith("fused:")
     [entry] = [v for k, v in read_json(cache_root() / CACHE_FILE).items() if k.endswith("layer-form")]
     assert entry == {"fused": True, "seconds": {"fused": 1.0, "op_by_op": None}}
+
+
+@pytest.mark.parametrize("faster", [False, True])
+def test_weight_product_batching_is_timed_once_and_the_faster_kept(faster, monkeypatch):
+    monkeypatch.setattr(plan_mod, "CALIBRATE_FROM", 0)
+    timed = []
+
+    def fake_measure(*shape, batched):
+        timed.append(batched)
+        return 1.0 if batched == faster else 2.0
+
+    monkeypatch.setattr(plan_mod, "measure_products", fake_measure)
+    like = torch.empty(0)
+    assert plan_mod.batched_products(2, 64, 2, 16, 8, like) is faster and sorted(timed) == [False, True]
+    [entry] = [v for k, v in read_json(cache_root() / CACHE_FILE).items() if k.endswith("weight-products")]
+    assert entry["batched"] is faster and set(entry["seconds"]) == {"False", "True"}
+    plan_mod._memo.clear()  # a new process: the file answers
+    monkeypatch.setattr(plan_mod, "measure_products", lambda *a, **k: pytest.fail("timed again"))
+    assert plan_mod.batched_products(2, 64, 2, 16, 8, like) is faster
+
+
+def test_weight_product_batching_of_small_shapes_follows_the_device(monkeypatch):
+    monkeypatch.setattr(plan_mod, "measure_products", lambda *a, **k: pytest.fail("timed"))
+    assert plan_mod.batched_products(2, 64, 2, 16, 8, torch.empty(0)) is False
+    assert plan_mod.batched_products(2, 64, 2, 16, 8, torch.empty(0, device="meta")) is True
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_real_weight_product_measurement_returns_seconds(batched):
+    seconds = plan_mod.measure_products(2, 2, 16, 32, 8, torch.device("cpu"), torch.float32, batched, repeats=1)
+    assert 0 < seconds < 5
+
+
+def test_the_model_passes_the_timed_batching_to_the_fused_layer(monkeypatch):
+    monkeypatch.setattr(plan_mod, "calibrating", lambda *shape: True)
+    monkeypatch.setattr("bdh.model.batched_products", lambda *shape: True)
+    seen = []
+    original = layer.FusedLayer.forward
+
+    def forward(ctx, *args):
+        seen.append(args[-1])  # batched, the last argument
+        return original(ctx, *args)
+
+    monkeypatch.setattr(layer.FusedLayer, "forward", staticmethod(forward))
+    model = BDH(BDHConfig.from_name("tiny")).train()
+    idx = torch.randint(0, 256, (2, 16))
+    model(idx, targets=idx, return_state=False).loss.backward()
+    assert seen == [True] * model.config.n_layer

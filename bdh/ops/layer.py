@@ -49,7 +49,7 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, layernorm=True, dropout=0.0,
-                need_state=False, block=None, sparse_below=0.0):
+                need_state=False, block=None, sparse_below=0.0, batched=None):
     """z (B, T, D) and the final state (B, nh, N, D) or None, as the op-by-op layer computes them.
 
     v: (B, T, D); Dx, Dy: (nh, D, N); E: (nh, N, D); rotors: (1 | B, nh, T, N/2) complex;
@@ -58,7 +58,9 @@ def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, laye
     dropout: probability of dropping each y entry (0 when not training);
     block: the quadratic form in row blocks of this length (bdh.ops.plan: direct/b), which needs
     chunk_size T (or None), no s0 and need_state False; sparse_below: where fewer than this share
-    of y's entries are non-zero, the read-out and its backward skip the zeros (bdh.ops.sparse).
+    of y's entries are non-zero, the read-out and its backward skip the zeros (bdh.ops.sparse);
+    batched: the weight products as one product over all sequences rather than one per sequence
+    (per_head; bdh.ops.plan.batched_products), None for one per sequence on the CPU only.
     """
     T = v.shape[1]
     C = chunk_size or T
@@ -67,18 +69,20 @@ def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, laye
     if block is not None and (C != T or s0 is not None or need_state or T % block):
         raise ValueError(f"fused_layer's row blocks ({block}) need one chunk of T ({T}) that they divide, no states")
     rot = rotors if isinstance(rotors, Rotors) else Rotors(rotors)
-    return FusedLayer.apply(v, Dx, Dy, E, rot, s0, decay, C, layernorm, dropout, need_state, block, sparse_below)
+    batched = v.device.type != "cpu" if batched is None else batched
+    return FusedLayer.apply(v, Dx, Dy, E, rot, s0, decay, C, layernorm, dropout, need_state, block, sparse_below,
+                            batched)
 
 
 class FusedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, Dx, Dy, E, rot, s0, lam, C, layernorm, p, need_state, block, sparse_below):
+    def forward(ctx, v, Dx, Dy, E, rot, s0, lam, C, layernorm, p, need_state, block, sparse_below, batched):
         B, T, D = v.shape
         nh, _, N = Dx.shape
         big = (B, nh, T, N)
         v_heads = _heads(v, nh)  # B, nh, T, D
         keep_x, keep_g = kept(big, v.element_size())
-        x = _neurons(v_heads, Dx, out=None if keep_x else SCRATCH.get(1, big, v))  # B, nh, T, N
+        x = _neurons(v_heads, Dx, None if keep_x else SCRATCH.get(1, big, v), batched)  # B, nh, T, N
         q = apply_rope_complex(x, rot.r, out=SCRATCH.get(0, big, v))
         w = Weights(lam, C, q.dtype)
         ctx.scores = None
@@ -88,7 +92,7 @@ class FusedLayer(torch.autograd.Function):
         else:
             a, final = attend(q, q, v_heads, s0, w, C, need_state)
         del v_heads
-        g = per_head(norm(a) if layernorm else a, Dy, out=None if keep_g else q).relu_()  # q is spent: reuse it
+        g = per_head(norm(a) if layernorm else a, Dy, None if keep_g else q, batched).relu_()  # q is spent: reuse it
         y = torch.mul(g, x, out=q) if keep_g else g.mul_(x)  # B, nh, T, N
         keep, ctx.sy = None, None
         if sparse_below > 0 and density(y) * (1 - p) < sparse_below:
@@ -98,12 +102,12 @@ class FusedLayer(torch.autograd.Function):
             mask = SCRATCH.get(2, big, v)  # free in forward
             keep = draw_kept(y.shape, p, y, as_float=mask)  # bool kept for backward: a quarter of the float's memory
             y.mul_(mask)  # the scale 1 / (1 - p) goes on z, D wide rather than N
-        z = sparse_readout(ctx.sy, E) if ctx.sy is not None else per_head(y, E).sum(dim=1)  # B, T, D
+        z = sparse_readout(ctx.sy, E) if ctx.sy is not None else per_head(y, E, batched=batched).sum(dim=1)  # B, T, D
         if keep is not None:
             z.mul_(1 / (1 - p))
         ctx.save_for_backward(v, Dx, Dy, E, a, s0, keep, lam, x if keep_x else None, g if keep_g else None)
         ctx.rot = rot
-        ctx.C, ctx.block, ctx.layernorm, ctx.p = C, block, layernorm, p
+        ctx.C, ctx.block, ctx.layernorm, ctx.p, ctx.batched = C, block, layernorm, p, batched
         ctx.has_states = uses_states(T, C, s0, need_state)
         return z, final
 
@@ -118,14 +122,14 @@ class FusedLayer(torch.autograd.Function):
         a_hat, norm_backward = _norm_with_backward(a, ctx.layernorm)
         sy, ctx.sy = ctx.sy, None
         if sy is not None:  # the read-out on y's non-zeros only
-            x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v))  # B, nh, T, N
+            x = kept_x if kept_x is not None else _neurons(v_heads, Dx, SCRATCH.get(0, big, v), ctx.batched)
             dE, dDy, da, dx = sparse_readout_backward(sy, E, Dy, x, a_hat, dz_heads, 1 / (1 - ctx.p),
                                                       out=SCRATCH.get(1, big, v))
             da = norm_backward(da)
             q = apply_rope_complex(x, rotors, out=SCRATCH.get(2, big, v))
         else:
             x, q, dx, dE, dDy, da = _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward,
-                                                            dz_heads, keep, ctx.p, kept_x, kept_g)
+                                                            dz_heads, keep, ctx.p, kept_x, kept_g, ctx.batched)
         w = Weights(lam, ctx.C, q.dtype)
         dq_into = rotate_(dx, rot.inverse_conj(dx.dtype))
         if ctx.block:
@@ -136,13 +140,14 @@ class FusedLayer(torch.autograd.Function):
             _, _, dv_heads, d_s0 = attend_backward(q, q, v_heads, s0, ctx.has_states, w, ctx.C, da, d_final,
                                                    shared_qk=True, dq_into=dq_into)
         dx = relu_backward_(rotate_(dx, rot.conj()), x)  # unrotated: B, nh, T, N
-        dDx = weight_grad(v_heads, dx)  # nh, D, N
-        dv = per_head(dx, Dx.transpose(-1, -2)).sum(dim=1) + dv_heads.sum(dim=1)  # B, T, D
+        dDx = weight_grad(v_heads, dx, ctx.batched)  # nh, D, N
+        dv = per_head(dx, Dx.transpose(-1, -2), batched=ctx.batched).sum(dim=1) + dv_heads.sum(dim=1)  # B, T, D
         d_s0 = d_s0 if ctx.needs_input_grad[5] else None
-        return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None, None, None
+        return dv, dDx, dDy, dE, None, d_s0, None, None, None, None, None, None, None, None
 
 
-def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz_heads, keep, p, kept_x, kept_g):
+def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz_heads, keep, p, kept_x, kept_g,
+                            batched):
     """The read-out's backward on every entry: x, q, dx (the gating's share), dE, dD_y, da.
 
     x and g (unless kept) and y are made again into three buffers, which then hold dg, dx, dy.
@@ -151,22 +156,22 @@ def _dense_readout_backward(v_heads, Dx, Dy, E, rotors, a_hat, norm_backward, dz
     """
     B, nh, T, _ = v_heads.shape
     big = (B, nh, T, Dx.shape[-1])
-    x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=SCRATCH.get(0, big, v_heads))  # B, nh, T, N
-    g = kept_g if kept_g is not None else per_head(a_hat, Dy, out=SCRATCH.get(1, big, v_heads)).relu_()
+    x = kept_x if kept_x is not None else _neurons(v_heads, Dx, SCRATCH.get(0, big, v_heads), batched)  # B, nh, T, N
+    g = kept_g if kept_g is not None else per_head(a_hat, Dy, SCRATCH.get(1, big, v_heads), batched).relu_()
     if keep is not None:
         mask = SCRATCH.get(2, big, v_heads).copy_(keep.view(torch.uint8))  # 0/1 (from bytes: 4x faster than bool)
         g = torch.mul(g, mask, out=SCRATCH.get(1, big, v_heads))  # a kept g is not changed in place
         dz_heads = dz_heads * (1 / (1 - p))
     y = torch.mul(g, x, out=SCRATCH.get(2, big, v_heads))
-    dE = weight_grad(y, dz_heads)  # nh, N, D
-    dy = per_head(dz_heads, E.transpose(-1, -2), out=y)  # y is spent; the mask is on g
+    dE = weight_grad(y, dz_heads, batched)  # nh, N, D
+    dy = per_head(dz_heads, E.transpose(-1, -2), y, batched)  # y is spent; the mask is on g
     # dy * x into x's memory when x was made again (it is made again below), else a buffer
     dg = torch.mul(dy, x, out=SCRATCH.get(0, big, v_heads) if kept_x is not None else x)
     dg = relu_backward_(dg, g)
     dx = torch.mul(g, dy, out=SCRATCH.get(1, big, v_heads))  # the gating's share of dx (into g's memory if made)
-    dDy = weight_grad(a_hat, dg)  # nh, D, N
-    da = norm_backward(per_head(dg, Dy.transpose(-1, -2)))  # B, nh, T, D
-    x = kept_x if kept_x is not None else _neurons(v_heads, Dx, out=dg)
+    dDy = weight_grad(a_hat, dg, batched)  # nh, D, N
+    da = norm_backward(per_head(dg, Dy.transpose(-1, -2), batched=batched))  # B, nh, T, D
+    x = kept_x if kept_x is not None else _neurons(v_heads, Dx, dg, batched)
     q = apply_rope_complex(x, rotors, out=dy)
     return x, q, dx, dE, dDy, da
 
@@ -282,9 +287,9 @@ class Rotors:
         return self._inverse[dtype]
 
 
-def _neurons(v_heads, Dx, out):
-    """x = relu(v D_x): (B, nh, T, D) -> (B, nh, T, N), written into out."""
-    return per_head(v_heads, Dx, out=out).relu_()
+def _neurons(v_heads, Dx, out, batched):
+    """x = relu(v D_x): (B, nh, T, D) -> (B, nh, T, N), written into out (None: a new tensor)."""
+    return per_head(v_heads, Dx, out, batched).relu_()
 
 
 def _heads(v, nh):
@@ -344,15 +349,16 @@ class Scratch(threading.local):
 SCRATCH = Scratch()
 
 
-def per_head(a: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def per_head(a: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None, batched: bool = False) -> torch.Tensor:
     """a (B, nh, T, K) @ W (nh, K, M) -> (B, nh, T, M), into out if given.
 
-    On the CPU, one batched matmul over the heads per sequence, reading W in place: torch.matmul
-    would first copy W once per sequence (B x the weight: 38 MB per product at B = 16, small).
-    Elsewhere one product over every sequence (one_product).
+    One batched matmul over the heads per sequence, reading W in place (torch.matmul would first
+    copy W once per sequence: B x the weight, 38 MB per product at B = 16, small); with batched,
+    one product over every sequence, the heads moved to the front (copies made).
+    Which is faster depends on the machine: bdh.ops.plan.batched_products.
     """
     B, nh, T, _ = a.shape
-    if one_product(a):
+    if batched:
         product = torch.einsum("bhtk,hkm->bhtm", a, W)
         return product if out is None else out.copy_(product)
     out = a.new_empty(B, nh, T, W.shape[-1]) if out is None else out
@@ -361,23 +367,15 @@ def per_head(a: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) 
     return out
 
 
-def weight_grad(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_b a[b]^T g[b]: a (B, nh, T, K), g (B, nh, T, M) -> (nh, K, M), on the CPU accumulated in
-    place one sequence at a time, elsewhere one product (one_product)."""
-    if one_product(a):
+def weight_grad(a: torch.Tensor, g: torch.Tensor, batched: bool = False) -> torch.Tensor:
+    """sum_b a[b]^T g[b]: a (B, nh, T, K), g (B, nh, T, M) -> (nh, K, M), accumulated in place one
+    sequence at a time, or with batched one product (per_head)."""
+    if batched:
         return torch.einsum("bhtk,bhtm->hkm", a, g)
     total = torch.bmm(a[0].transpose(1, 2), g[0])
     for b in range(1, a.shape[0]):
         total.baddbmm_(a[b].transpose(1, 2), g[b])
     return total
-
-
-def one_product(a: torch.Tensor) -> bool:
-    """Whether per_head and weight_grad take one product over all sequences (heads moved to the
-    front, copies made) rather than one per sequence. A GPU's profile showed the per-sequence loop
-    at B = 256 as 6,912 products of 4 x 128 rows per step, each too small to fill the device
-    (benchmarks/README.md, "On a GPU"); on the CPU the loop is what was measured fastest."""
-    return a.device.type != "cpu"
 
 
 def relu_backward_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

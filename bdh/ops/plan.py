@@ -23,6 +23,10 @@ few densities. Small shapes (under CALIBRATE_FROM elements per N-wide tensor), o
 BDH_CALIBRATE=0, use the count alone and never the sparse read-out. Every choice computes the
 same function; only rounding and speed differ. Delete the cache file to measure again.
 
+The same cache holds, per shape, whether the fused layer's weight products go one per sequence
+or as one product over all sequences (batched_products: both timed on the layer's three kinds of
+product).
+
 Off the CPU the same cache also says, per shape, whether the fused layer runs at all
 (fused_pays): the model's layers are timed fused and op by op, and the faster is kept. On the
 CPU the fused layer was the faster at every shape measured; on an H100 it was not, at T = 128
@@ -97,6 +101,39 @@ def plan_for(B: int, T: int, nh: int, N: int, D: int, states: bool, like: torch.
     key = f"{_shape_key(*shape)} states{int(states)}"
     entry = _cached(key, lambda: _fastest({str(p): measure(p, *shape) for p in ranked[:TIMED]}))
     return Plan.parse(entry["plan"], T)
+
+
+def batched_products(B: int, T: int, nh: int, N: int, D: int, like: torch.Tensor) -> bool:
+    """Whether the fused layer's weight products run as one product over all sequences (per_head,
+    weight_grad: batched) rather than one per sequence: timed once per machine and shape
+    (measure_products), then cached. Shapes too small to calibrate (or BDH_CALIBRATE=0): one per
+    sequence on the CPU, one product elsewhere, as measured on a 2-core CPU and on an H200
+    (benchmarks/README.md)."""
+    if not calibrating(B, nh, T, N):
+        return like.device.type != "cpu"
+    shape = (B, nh, T, N, D, like.device, like.dtype)
+    seconds = lambda: {str(b): measure_products(*shape, batched=b) for b in (False, True)}  # noqa: E731
+    return _cached(f"{_shape_key(*shape)} weight-products", lambda: _faster_products(seconds()))["batched"]
+
+
+def _faster_products(seconds: dict) -> dict:
+    return {"batched": seconds["True"] < seconds["False"], "seconds": seconds}
+
+
+def measure_products(B, nh, T, N, D, device, dtype, batched: bool, repeats: int = 2) -> float:
+    """Best-of-repeats seconds of the layer's three kinds of weight product on random data: D to N
+    (x, g, dy), N to D (z, dv, da) and a weight gradient, one per sequence or batched."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a_D, a_N = (torch.randn(B, nh, T, X, device=device, dtype=dtype, generator=g) for X in (D, N))
+    W = torch.randn(nh, D, N, device=device, dtype=dtype, generator=g)
+
+    def run():
+        per_head(a_D, W, batched=batched)
+        per_head(a_N, W.transpose(-1, -2), batched=batched)
+        weight_grad(a_D, a_N, batched)
+        synchronize(device)
+
+    return best_of(run, repeats)
 
 
 def times_layer_forms(device: torch.device) -> bool:
