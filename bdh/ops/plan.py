@@ -122,13 +122,15 @@ def _faster_products(seconds: dict) -> dict:
 
 def measure_products(B, nh, T, N, D, device, dtype, batched: bool, repeats: int = 2) -> float:
     """Best-of-repeats seconds of the layer's three kinds of weight product on random data: D to N
-    (x, g, dy), N to D (z, dv, da) and a weight gradient, one per sequence or batched."""
+    (x, g, dy), N to D (z, dv, da) and a weight gradient, one per sequence or batched; the N-wide
+    products into a buffer made beforehand, as the layer writes them into its scratch buffers."""
     g = torch.Generator(device=device).manual_seed(0)
     a_D, a_N = (torch.randn(B, nh, T, X, device=device, dtype=dtype, generator=g) for X in (D, N))
     W = torch.randn(nh, D, N, device=device, dtype=dtype, generator=g)
+    out = torch.empty_like(a_N)
 
     def run():
-        per_head(a_D, W, batched=batched)
+        per_head(a_D, W, out, batched)
         per_head(a_N, W.transpose(-1, -2), batched=batched)
         weight_grad(a_D, a_N, batched)
         synchronize(device)
