@@ -23,6 +23,8 @@ import torch
 from common import FUSED, add_out_args, bdh_model, check_device, check_out, emit, token_batches
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from bdh.ops.plan import synchronize
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,8 +62,7 @@ def main(argv=None) -> int:
         for _ in range(args.steps):
             with record_function("training step"):
                 step()
-        if gpu:
-            torch.cuda.synchronize(device)
+        synchronize(device)
     events = [e for e in prof.key_averages(group_by_input_shape=True) if e.key != "training step"]
     events.sort(key=lambda e: e.self_device_time_total if gpu else e.self_cpu_time_total, reverse=True)
     total_ms = sum(e.self_cpu_time_total for e in events) / 1e3

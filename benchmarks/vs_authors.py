@@ -40,12 +40,12 @@ import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[6])
 from authors_form import AuthorsForm
 from common import bdh_model, token_batches
+from bdh.ops.plan import synchronize
 from bdh.precision import autocast_for
 form, preset, T, B, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[7])
 ps = [float(v) for v in sys.argv[5].split(",")]  # dropouts, their steps interleaved
 ckpt, device, dtype, fused = sys.argv[8], torch.device(sys.argv[9]), sys.argv[10], sys.argv[11]
 cuda = device.type == "cuda"
-sync = torch.cuda.synchronize if cuda else (lambda: None)
 torch.manual_seed(0)
 model = bdh_model(preset, ckpt, max(ps), dtype, fused).to(device)  # with ckpt: trained weights, its config
 if form == "plan":  # calibrate in a process of its own, so that its buffers are not in the timed one's peak
@@ -82,7 +82,8 @@ for p in ps:
 times = {p: [] for p in ps}
 for _ in range(repeats):  # round robin: a slower moment of the machine is shared by every dropout
     for p in ps:
-        sync(); t0 = time.perf_counter(); step(p); sync(); times[p].append(time.perf_counter() - t0)
+        synchronize(device); t0 = time.perf_counter(); step(p); synchronize(device)
+        times[p].append(time.perf_counter() - t0)
 # CPU: the process's peak RSS; CUDA: the most the caching allocator held for tensors
 peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 density = []  # of y over the layers, after the timed steps (the op-by-op forward that shows it is not timed)

@@ -49,7 +49,7 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, layernorm=True, dropout=0.0,
-                need_state=False, block=None, sparse_below=0.0, batched=None):
+                need_state=False, block=None, sparse_below=0.0, batched=False):
     """z (B, T, D) and the final state (B, nh, N, D) or None, as the op-by-op layer computes them.
 
     v: (B, T, D); Dx, Dy: (nh, D, N); E: (nh, N, D); rotors: (1 | B, nh, T, N/2) complex;
@@ -60,7 +60,7 @@ def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, laye
     chunk_size T (or None), no s0 and need_state False; sparse_below: where fewer than this share
     of y's entries are non-zero, the read-out and its backward skip the zeros (bdh.ops.sparse);
     batched: the weight products as one product over all sequences rather than one per sequence
-    (per_head; bdh.ops.plan.batched_products), None for one per sequence on the CPU only.
+    (per_head; which is faster, bdh.ops.plan.batched_products says).
     """
     T = v.shape[1]
     C = chunk_size or T
@@ -69,7 +69,6 @@ def fused_layer(v, Dx, Dy, E, rotors, s0=None, decay=None, chunk_size=None, laye
     if block is not None and (C != T or s0 is not None or need_state or T % block):
         raise ValueError(f"fused_layer's row blocks ({block}) need one chunk of T ({T}) that they divide, no states")
     rot = rotors if isinstance(rotors, Rotors) else Rotors(rotors)
-    batched = v.device.type != "cpu" if batched is None else batched
     return FusedLayer.apply(v, Dx, Dy, E, rot, s0, decay, C, layernorm, dropout, need_state, block, sparse_below,
                             batched)
 
