@@ -47,6 +47,7 @@ and the op-by-op layer runs (the fused layer keeps no activations to show).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +61,7 @@ from bdh.ops import apply_rope_complex, get_attention, pairs_share_frequencies, 
 from bdh.ops.chunked import CHUNK_SIZE
 from bdh.ops.gated import gated_decode_layer, get_gated_attention
 from bdh.ops.layer import Rotors, draw_kept, fused_layer, norm
-from bdh.ops.plan import (Plan, batched_products, best_of, fused_pays, plan_for, sparse_below, synchronize,
+from bdh.ops.plan import (Plan, batched_products, best_of_each, fused_pays, plan_for, sparse_below, synchronize,
                           times_layer_forms)
 from bdh.ops.recurrent import active_neurons, decode_layer, decode_neurons, rotate_rows, sparse_decode_layer
 from bdh.protocol import ModelBase, ModelOutput, next_positions, next_token_loss
@@ -211,32 +212,26 @@ class BDH(ModelBase):
 
     def _time_layer_forms(self, B: int, T: int, has_state: bool, wants_state: bool,
                           grad: bool) -> dict[str, float | None]:
-        """Best-of-3 seconds of the layers on B random sequences of T tokens, fused and op by op:
-        forward, and with grad a backward from the logits; None for a form that ran out of device
-        memory. The random generators, every .grad and config.fused are left as they were."""
+        """Best-of-5 seconds of the layers on B random sequences of T tokens, fused and op by op in
+        turns: forward, and with grad a backward from the logits; None for a form that ran out of
+        device memory. The random generators, every .grad and config.fused are left as they were."""
         device = self.encoder.device
         params = [p for p in self.parameters() if p.requires_grad] if grad else []
 
-        def run():
-            logits, _ = self._layers(idx, state, wants_state)
-            if params:
-                torch.autograd.grad(logits.float().square().mean(), params, allow_unused=True)
-            synchronize(device)
+        def run(fused: bool):
+            self.config.fused = fused
+            try:
+                logits, _ = self._layers(idx, state, wants_state)
+                if params:
+                    torch.autograd.grad(logits.float().square().mean(), params, allow_unused=True)
+                synchronize(device)
+            finally:
+                self.config.fused = "auto"
 
-        seconds = {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             idx = torch.randint(0, self.config.vocab_size, (B, T), device=device)
             state = self.init_state(B, device) if has_state else None
-            for name, fused in (("fused", True), ("op_by_op", False)):
-                self.config.fused = fused
-                try:
-                    seconds[name] = best_of(run, 3)
-                except torch.cuda.OutOfMemoryError:  # the fused layer needs less memory: it may fit alone
-                    seconds[name] = None
-                    torch.cuda.empty_cache()
-                finally:
-                    self.config.fused = "auto"
-        return seconds
+            return best_of_each({"fused": partial(run, True), "op_by_op": partial(run, False)}, 5)
 
     def _layers(self, idx, state, return_state):
         c = self.config

@@ -16,13 +16,15 @@ bench() {  # name, then vs_authors flags
     python3 benchmarks/vs_authors.py --device cuda --seq 128 512 2048 --dropout 0 0.1 --repeats 10 "$@" \
         --out "$out/vs_authors_cuda_$name.json" > /dev/null && echo "vs_authors $name: done"
 }
-# on the H200 each bench over three lengths took 77-101 s, the tests 40 s, the profile 32 s: one device call
+# on the H200 each bench over three lengths took 77-101 s, the tests 40 s, the profile 32 s: one device call,
+# the most telling first (a call cut short still returns what it wrote)
 bench 2k_auto --tokens-per-step 2048               # what fused="auto" picks (timed per shape off the CPU)
-bench 32k_fused --tokens-per-step 32768 --fused on
+bench 32k_auto --tokens-per-step 32768
 bench 32k_opbyop --tokens-per-step 32768 --fused off
-bench 32k_bf16 --tokens-per-step 32768 --dtype bfloat16
+bench 32k_fused --tokens-per-step 32768 --fused on  # weight products batched or not, as timed
 python3 benchmarks/profile_step.py --device cuda --fused on --seq 128 --batch 256 --top 30 \
     --out "$out/profile_cuda_256x128.json" > /dev/null && echo "profile: done"
+bench 32k_bf16 --tokens-per-step 32768 --dtype bfloat16
 python3 - "$out" <<'PY'
 import json, sys, pathlib
 for f in sorted(pathlib.Path(sys.argv[1]).glob("vs_authors_cuda_*.json")):

@@ -67,8 +67,8 @@ def flops_per_token(cfg, T: int) -> float:
     return 3 * forward
 
 
-def fused_flops_per_token(cfg, T: int, B: int) -> float | None:
-    """FLOPs per token the fused layer executes (forward + backward), or None where it does not run."""
+def fused_flops_per_token(cfg, T: int, B: int, device: str = "cpu") -> float | None:
+    """FLOPs per token the fused layer executes (forward + backward) on device, or None where it does not run."""
     import torch
 
     from bdh.ops.layer import kept, keeps_scores
@@ -76,7 +76,7 @@ def fused_flops_per_token(cfg, T: int, B: int) -> float | None:
 
     n, D, L, nh, V, N = cfg.n_neurons, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.neurons_per_head
     if cfg.chunk_size == "auto":
-        plan = plan_for(B, T, nh, N, D, False, torch.empty(0))  # the worker's plan: the same cache
+        plan = plan_for(B, T, nh, N, D, False, torch.empty(0, device=device))  # the worker's plan: the same cache
     elif T % min(cfg.chunk_size, T):
         return None
     else:

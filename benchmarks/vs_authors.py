@@ -49,11 +49,12 @@ cuda = device.type == "cuda"
 torch.manual_seed(0)
 model = bdh_model(preset, ckpt, max(ps), dtype, fused).to(device)  # with ckpt: trained weights, its config
 if form == "plan":  # calibrate in a process of its own, so that its buffers are not in the timed one's peak
-    from bdh.ops.plan import batched_products, sparse_below
+    from bdh.ops.plan import batched_products, layer_form_seconds, sparse_below
     c = model.config
     shape = (B, T, c.n_head, c.neurons_per_head, c.n_embd, model.encoder)
     print(json.dumps({"plan": model.engine(T, False, False, batch=B), "sparse_below": sparse_below(*shape),
-                      "batched_products": batched_products(*shape)}))
+                      "batched_products": batched_products(*shape),  # off the CPU: layer forms timed by fused="auto"
+                      "layer_forms": layer_form_seconds(B, T, *shape[2:5], False, True, model.encoder)}))
     sys.exit(0)
 if form == "authors":
     model = AuthorsForm.from_bdh(model).to(device)
@@ -88,6 +89,7 @@ for _ in range(repeats):  # round robin: a slower moment of the machine is share
 peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 density = []  # of y over the layers, after the timed steps (the op-by-op forward that shows it is not timed)
 if form == "bdh":
+    model.config.fused = "auto"  # capture runs the op-by-op layer, which fused=True would refuse
     with torch.no_grad(), model.capture(lambda site, layer, t: site == "y" and density.append((t != 0).float().mean().item())):
         model(x)
 print(json.dumps({"times": [times[p] for p in ps], "loss": [losses[p] for p in ps], "peak_bytes": peak,
@@ -157,10 +159,12 @@ def main(argv=None) -> int:
                    "fused": args.fused,
                    "T": T, "batch": B, "dropout": dropout,
                    "engine": plan.get("plan"), "sparse_readout_below": plan.get("sparse_below"),
-                   "batched_products": plan.get("batched_products"),
+                   "batched_products": plan.get("batched_products"), "layer_form_seconds": plan.get("layer_forms"),
                    "y_density": forms["bdh"].get("y_density"), "forms": forms}
             ours, theirs = forms["bdh"], forms["authors"]
-            row["counted_gflop_per_step"] = {"bdh": round(fused_flops_per_token(cfg, T, B) * B * T / 1e9, 2),
+            fused = str(plan.get("plan")).startswith("fused:")  # else the op-by-op layer, not counted
+            row["counted_gflop_per_step"] = {"bdh": round(fused_flops_per_token(cfg, T, B, args.device) * B * T / 1e9, 2)
+                                             if fused else None,
                                              "authors": round(authors_flops_per_token(cfg, T) * B * T / 1e9, 2)}
             if "tokens_per_s" in ours and "tokens_per_s" in theirs:
                 row["speedup"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)

@@ -61,6 +61,18 @@ def test_vs_authors_in_bfloat16_runs_both_forms_under_autocast(tmp_path):
             assert 0 < row["first_loss_diff"] < 0.05  # rounded differently, the same computation
 
 
+@pytest.mark.parametrize("fused", ["on", "off"])
+def test_vs_authors_times_the_layer_it_is_told_to(fused, tmp_path):
+    """--fused on|off: the fused layer always or never; y's density is still recorded (by an op-by-op
+    pass after the timed steps) and both forms compute the same loss."""
+    result = run_benchmark("vs_authors", [*CASES["vs_authors"], "--fused", fused], tmp_path / f"{fused}.json")
+    for row in result["results"]:
+        assert row["engine"].startswith("fused:") == (fused == "on")
+        assert 0 < row["y_density"] <= 1 and "error" not in row["forms"]["bdh"]
+        if row["dropout"] == 0:
+            assert row["first_loss_diff"] < 1e-4
+
+
 @pytest.mark.parametrize("name", ["vs_authors", "profile_step"])
 def test_a_bad_device_is_one_line_before_anything_runs(name, tmp_path):
     done = run_script(name, ["--preset", "tiny", "--device", "gpu"], tmp_path / "x.json")

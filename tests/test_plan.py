@@ -5,7 +5,7 @@ import torch
 
 from bdh.fileio import cache_root, read_json
 from bdh.ops import layer, plan as plan_mod
-from bdh.ops.plan import CACHE_FILE, Plan, candidates, counted_cost, plan_for
+from bdh.ops.plan import CACHE_FILE, Plan, best_of_each, candidates, counted_cost, plan_for
 from bdh import BDH, BDHConfig
 
 
@@ -152,6 +152,10 @@ def test_off_the_cpu_the_faster_layer_form_runs(fused_seconds, fused, monkeypatc
     assert model.engine(16, False, False, batch=2).startswith("fused:") == fused
     assert model.engine(16, False, False, batch=2).startswith("fused:") == fused
     assert len(calls) == 1  # then cached
+    c = model.config
+    shape = (2, 16, c.n_head, c.neurons_per_head, c.n_embd, False)
+    assert plan_mod.layer_form_seconds(*shape, True, model.encoder) == {"fused": fused_seconds, "op_by_op": 2.0}
+    assert plan_mod.layer_form_seconds(*shape, False, model.encoder) is None  # forward alone: not timed
     monkeypatch.setattr(plan_mod, "calibrating", lambda *shape: False)  # too small to time: op by op
     assert not model.engine(8, False, False, batch=2).startswith("fused:") and len(calls) == 1
     assert BDH(BDHConfig.from_name("tiny", fused=True)).engine(8).startswith("fused:")  # on request
@@ -163,16 +167,27 @@ def test_off_the_cpu_a_layer_form_that_runs_out_of_memory_counts_as_slowest(monk
     off_the_cpu(monkeypatch)
     model = BDH(BDHConfig.from_name("tiny")).train()
 
-    def best_of(run, repeats):
+    layers, calls = model._layers, []
+
+    def out_of_memory_op_by_op(*args):
+        calls.append(model.config.fused)
         if model.config.fused is False:
             raise torch.cuda.OutOfMemoryError("out of memory")
-        return 1.0
+        return layers(*args)
 
-    monkeypatch.setattr("bdh.model.best_of", best_of)
+    monkeypatch.setattr(model, "_layers", out_of_memory_op_by_op)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     assert model.engine(16, False, False, batch=2).startswith("fused:")
     [entry] = [v for k, v in read_json(cache_root() / CACHE_FILE).items() if k.endswith("layer-form")]
-    assert entry == {"fused": True, "seconds": {"fused": 1.0, "op_by_op": None}}
+    assert entry["fused"] is True and entry["seconds"]["fused"] > 0 and entry["seconds"]["op_by_op"] is None
+    assert calls == [True, False] + [True] * 5  # the op-by-op layer is not tried again
+    assert model.config.fused == "auto"
+
+
+def test_best_of_each_times_the_forms_in_turns_after_one_untimed_call_each():
+    order = []
+    seconds = best_of_each({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3)
+    assert order == ["a", "b"] * 4 and set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
 
 
 @pytest.mark.parametrize("faster", [False, True])

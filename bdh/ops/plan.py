@@ -152,8 +152,19 @@ def fused_pays(B: int, T: int, nh: int, N: int, D: int, states: bool, grad: bool
     GPU before this choice was made."""
     if not calibrating(B, nh, T, N):
         return False
-    key = f"{_shape_key(B, nh, T, N, D, like.device, like.dtype)} states{int(states)} grad{int(grad)} layer-form"
-    return _cached(key, lambda: _faster_form(timings()))["fused"]
+    return _cached(_layer_form_key(B, T, nh, N, D, states, grad, like), lambda: _faster_form(timings()))["fused"]
+
+
+def layer_form_seconds(B: int, T: int, nh: int, N: int, D: int, states: bool, grad: bool,
+                       like: torch.Tensor) -> dict | None:
+    """The seconds fused_pays timed for this shape ({"fused": s, "op_by_op": s}), None if it timed none."""
+    key = _layer_form_key(B, T, nh, N, D, states, grad, like)
+    entry = _memo.get(key) or _read_table(_cache_path()).get(key)
+    return entry and entry["seconds"]
+
+
+def _layer_form_key(B, T, nh, N, D, states, grad, like) -> str:
+    return f"{_shape_key(B, nh, T, N, D, like.device, like.dtype)} states{int(states)} grad{int(grad)} layer-form"
 
 
 def _faster_form(seconds: dict) -> dict:
@@ -314,13 +325,28 @@ def synchronize(device: torch.device) -> None:
 def best_of(run, repeats: int) -> float:
     """The fewest seconds of `repeats` calls of run() after one untimed call (off the CPU, run
     synchronises the device itself)."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return round(best, 5)
+    return best_of_each({"run": run}, repeats)["run"]
+
+
+def best_of_each(runs: dict, repeats: int) -> dict[str, float | None]:
+    """best_of for each of several forms {name: run}, their calls taking turns so that a slower
+    stretch of the machine (a GPU's clocks still rising, a busy neighbour) falls on every form
+    alike; None for a form that ran out of GPU memory (it is not called again)."""
+    best = dict.fromkeys(runs, float("inf"))
+    for timed in (False,) + (True,) * repeats:  # first one untimed call of each
+        for name, run in runs.items():
+            if best[name] is None:
+                continue
+            start = time.perf_counter()
+            try:
+                run()
+            except torch.cuda.OutOfMemoryError:
+                best[name] = None
+                torch.cuda.empty_cache()
+                continue
+            if timed:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return {name: None if s is None else round(s, 5) for name, s in best.items()}
 
 
 def machine_key(device: torch.device) -> str:
