@@ -79,3 +79,11 @@ def test_a_bad_device_is_one_line_before_anything_runs(name, tmp_path):
     assert done.returncode == 2 and not (tmp_path / "x.json").exists()
     assert done.stderr.strip().splitlines() == ["bdh: error: device must be cpu, cuda, cuda:N, mps or auto "
                                                 "(cuda when available); got 'gpu'"]
+
+
+def test_cuda_script_refuses_an_unknown_part_before_anything_runs(tmp_path):
+    done = subprocess.run(["bash", str(BENCH / "cuda.sh"), str(tmp_path / "out"), "third"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    assert done.stderr.strip().splitlines() == ["cuda.sh: the part must be first or second (or left out for all); "
+                                                "got 'third'"]
