@@ -190,6 +190,18 @@ def test_best_of_each_times_the_forms_in_turns_after_one_untimed_call_each():
     assert order == ["a", "b"] * 4 and set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
 
 
+def test_best_of_raises_running_out_of_gpu_memory(monkeypatch):
+    """best_of_each counts it as None; best_of (timing one plan) says so rather than returning None."""
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("out of memory")
+
+    assert best_of_each({"a": out_of_memory}, 2) == {"a": None}
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        plan_mod.best_of(out_of_memory, 2)
+
+
 @pytest.mark.parametrize("faster", [False, True])
 def test_weight_product_batching_is_timed_once_and_the_faster_kept(faster, monkeypatch):
     monkeypatch.setattr(plan_mod, "CALIBRATE_FROM", 0)

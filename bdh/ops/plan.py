@@ -324,8 +324,11 @@ def synchronize(device: torch.device) -> None:
 
 def best_of(run, repeats: int) -> float:
     """The fewest seconds of `repeats` calls of run() after one untimed call (off the CPU, run
-    synchronises the device itself)."""
-    return best_of_each({"run": run}, repeats)["run"]
+    synchronises the device itself); running out of GPU memory is raised."""
+    seconds = best_of_each({"run": run}, repeats)["run"]
+    if seconds is None:
+        raise torch.cuda.OutOfMemoryError("out of GPU memory while timing")
+    return seconds
 
 
 def best_of_each(runs: dict, repeats: int) -> dict[str, float | None]:
