@@ -53,7 +53,8 @@ if form == "plan":  # calibrate in a process of its own, so that its buffers are
     c = model.config
     shape = (B, T, c.n_head, c.neurons_per_head, c.n_embd, model.encoder)
     print(json.dumps({"plan": model.engine(T, False, False, batch=B), "sparse_below": sparse_below(*shape),
-                      "batched_products": batched_products(*shape),  # off the CPU: layer forms timed by fused="auto"
+                      "batched_products": batched_products(*shape),
+                      # off the CPU, what fused="auto" timed for the engine above (None on the CPU)
                       "layer_forms": layer_form_seconds(B, T, *shape[2:5], False, True, model.encoder)}))
     sys.exit(0)
 if form == "authors":

@@ -39,7 +39,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -112,30 +112,27 @@ def batched_products(B: int, T: int, nh: int, N: int, D: int, like: torch.Tensor
     if not calibrating(B, nh, T, N):
         return like.device.type != "cpu"
     shape = (B, nh, T, N, D, like.device, like.dtype)
-    seconds = lambda: {str(b): measure_products(*shape, batched=b) for b in (False, True)}  # noqa: E731
-    return _cached(f"{_shape_key(*shape)} weight-products", lambda: _faster_products(seconds()))["batched"]
+    entry = lambda seconds: {"batched": _faster(seconds, "True"), "seconds": seconds}  # noqa: E731
+    return _cached(f"{_shape_key(*shape)} weight-products", lambda: entry(measure_products(*shape)))["batched"]
 
 
-def _faster_products(seconds: dict) -> dict:
-    return {"batched": seconds["True"] < seconds["False"], "seconds": seconds}
-
-
-def measure_products(B, nh, T, N, D, device, dtype, batched: bool, repeats: int = 2) -> float:
+def measure_products(B, nh, T, N, D, device, dtype, repeats: int = 2) -> dict[str, float | None]:
     """Best-of-repeats seconds of the layer's three kinds of weight product on random data: D to N
-    (x, g, dy), N to D (z, dv, da) and a weight gradient, one per sequence or batched; the N-wide
-    products into a buffer made beforehand, as the layer writes them into its scratch buffers."""
+    (x, g, dy), N to D (z, dv, da) and a weight gradient, one per sequence ("False") and batched
+    ("True"), in turns; the N-wide products into a buffer made beforehand, as the layer writes them
+    into its scratch buffers."""
     g = torch.Generator(device=device).manual_seed(0)
     a_D, a_N = (torch.randn(B, nh, T, X, device=device, dtype=dtype, generator=g) for X in (D, N))
     W = torch.randn(nh, D, N, device=device, dtype=dtype, generator=g)
     out = torch.empty_like(a_N)
 
-    def run():
+    def run(batched: bool):
         per_head(a_D, W, out, batched)
         per_head(a_N, W.transpose(-1, -2), batched=batched)
         weight_grad(a_D, a_N, batched)
         synchronize(device)
 
-    return best_of(run, repeats)
+    return best_of_each({str(b): partial(run, b) for b in (False, True)}, repeats)
 
 
 def times_layer_forms(device: torch.device) -> bool:
@@ -152,7 +149,8 @@ def fused_pays(B: int, T: int, nh: int, N: int, D: int, states: bool, grad: bool
     GPU before this choice was made."""
     if not calibrating(B, nh, T, N):
         return False
-    return _cached(_layer_form_key(B, T, nh, N, D, states, grad, like), lambda: _faster_form(timings()))["fused"]
+    entry = lambda seconds: {"fused": _faster(seconds, "fused"), "seconds": seconds}  # noqa: E731
+    return _cached(_layer_form_key(B, T, nh, N, D, states, grad, like), lambda: entry(timings()))["fused"]
 
 
 def layer_form_seconds(B: int, T: int, nh: int, N: int, D: int, states: bool, grad: bool,
@@ -167,9 +165,10 @@ def _layer_form_key(B, T, nh, N, D, states, grad, like) -> str:
     return f"{_shape_key(B, nh, T, N, D, like.device, like.dtype)} states{int(states)} grad{int(grad)} layer-form"
 
 
-def _faster_form(seconds: dict) -> dict:
-    fused, op_by_op = (float("inf") if s is None else s for s in (seconds["fused"], seconds["op_by_op"]))
-    return {"fused": fused < op_by_op, "seconds": seconds}
+def _faster(seconds: dict, name: str) -> bool:
+    """Whether form `name` was timed faster than the other form(s) (None: ran out of memory, the slowest)."""
+    t = {k: float("inf") if v is None else v for k, v in seconds.items()}
+    return all(t[name] < v for k, v in t.items() if k != name)
 
 
 def sparse_below(B: int, T: int, nh: int, N: int, D: int, like: torch.Tensor) -> float:
